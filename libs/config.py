@@ -1,0 +1,153 @@
+"""Weir's one declared configuration.
+
+Every tunable is a field of `WeirConfig` with its default and a description; the
+environment overrides any of them as ``WEIR_<FIELD NAME IN UPPER CASE>``. All five
+services read the same declaration, so an operator sets a value once for the whole suite.
+Values are parsed and validated at start-up: a bad setting stops the process with a message
+naming every offending variable, instead of failing later mid-request.
+
+``python -m libs.config`` prints every setting, its current value and its description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "WEIR_"
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message lists each of them."""
+
+
+def setting(default: Any, description: str, *, check: Callable[[Any], bool] | None = None,
+            rule: str = "") -> Any:
+    """Declares one tunable: its default, what it means and, optionally, a validity check."""
+    return field(default=default,
+                 metadata={"description": description, "check": check, "rule": rule})
+
+
+def _positive(value: Any) -> bool:
+    return value > 0
+
+
+def _port(value: int) -> bool:
+    return 0 <= value <= 65535
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeirConfig:
+    """Settings of the Weir suite. Field names are the environment keys without the prefix."""
+
+    # Engines.
+    kafka_bootstrap: str = setting(
+        "127.0.0.1:9092", "Kafka bootstrap servers, comma-separated host:port.")
+    cassandra_hosts: str = setting("127.0.0.1", "Cassandra contact points, comma-separated.")
+    cassandra_port: int = setting(9042, "Cassandra native protocol port.", check=_port,
+                                  rule="0..65535")
+    keyspace: str = setting("weir", "Cassandra keyspace holding Weir's tables.",
+                            check=lambda v: v.isidentifier() and v.islower(),
+                            rule="a lower-case identifier")
+    replication_factor: int = setting(
+        1, "Replication factor for the keyspace and topics Weir creates (3 in production).",
+        check=_positive, rule="> 0")
+    topic_prefix: str = setting("weir", "Prefix of every Kafka topic Weir creates.",
+                                check=lambda v: bool(v) and v.replace("-", "").isalnum(),
+                                rule="letters, digits and dashes")
+    task_partitions: int = setting(
+        16, "Partitions per task topic (one topic per priority tier); shards draw from these.",
+        check=_positive, rule="> 0")
+
+    # Service addresses. Every service binds host:port; 0 asks the OS for a free port.
+    bind_host: str = setting("127.0.0.1", "Interface every service listens on.")
+    gateway_port: int = setting(50051, "Gateway (public weir.v1 API) port.", check=_port,
+                                rule="0..65535")
+    router_port: int = setting(50052, "Router port.", check=_port, rule="0..65535")
+    dispatcher_port: int = setting(50053, "Dispatcher port.", check=_port, rule="0..65535")
+    executor_manager_port: int = setting(50054, "Executor-manager port.", check=_port,
+                                         rule="0..65535")
+    notifier_port: int = setting(50055, "Notifier port.", check=_port, rule="0..65535")
+
+    # Behaviour shared by all services.
+    grpc_workers: int = setting(32, "Threads serving gRPC calls per service.", check=_positive,
+                                rule="> 0")
+    shutdown_grace_seconds: float = setting(
+        10.0, "On SIGTERM, how long in-flight calls may finish before they are cancelled.",
+        check=lambda v: v >= 0, rule=">= 0")
+    log_level: str = setting("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.",
+                             check=lambda v: v in {"DEBUG", "INFO", "WARNING", "ERROR"},
+                             rule="DEBUG|INFO|WARNING|ERROR")
+    api_key_cache_seconds: float = setting(
+        30.0, "How long the gateway trusts a resolved API key before asking Cassandra again.",
+        check=lambda v: v >= 0, rule=">= 0")
+
+    def port_of(self, service: str) -> int:
+        """The configured port of a service by its package name (e.g. ``executor_manager``)."""
+        return getattr(self, f"{service}_port")
+
+    @property
+    def cassandra_contact_points(self) -> list[str]:
+        return [h.strip() for h in self.cassandra_hosts.split(",") if h.strip()]
+
+
+def _parse(raw: str, kind: type) -> Any:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError("expected true or false")
+    return kind(raw.strip())
+
+
+def load(env: Mapping[str, str] | None = None, **overrides: Any) -> WeirConfig:
+    """Builds the config from defaults, then the environment, then explicit overrides.
+
+    Raises:
+        ConfigError: naming every variable that does not parse or breaks its rule.
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    kinds = {"str": str, "int": int, "float": float, "bool": bool}
+    for f in dataclasses.fields(WeirConfig):
+        key = ENV_PREFIX + f.name.upper()
+        kind = kinds[f.type if isinstance(f.type, str) else f.type.__name__]
+        if f.name in overrides:
+            value = overrides.pop(f.name)
+        elif key in env:
+            try:
+                value = _parse(env[key], kind)
+            except ValueError as exc:
+                problems.append(f"{key}={env[key]!r}: {exc}")
+                continue
+        else:
+            value = f.default
+        check = f.metadata["check"]
+        if check is not None and not check(value):
+            problems.append(f"{key}={value!r}: must be {f.metadata['rule']}")
+            continue
+        values[f.name] = value
+    if overrides:
+        problems.append(f"unknown settings: {', '.join(sorted(overrides))}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return WeirConfig(**values)
+
+
+def describe(config: WeirConfig) -> str:
+    """A table of every setting with its current value and description."""
+    lines = []
+    for f in dataclasses.fields(WeirConfig):
+        key = ENV_PREFIX + f.name.upper()
+        lines.append(f"{key:<32} {getattr(config, f.name)!s:<18} {f.metadata['description']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(describe(load()))

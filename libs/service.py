@@ -1,0 +1,40 @@
+"""The process around a service: config, logs, server, signals. Each ``__main__`` calls `run`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from libs import config as weir_config, logs
+from libs.grpcserver import GrpcServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Started:
+    """A started service: its server, and how to stop its own work before the server stops."""
+
+    server: GrpcServer
+    drain: Callable[[], None] = field(default=lambda: None)
+    close: Callable[[], None] = field(default=lambda: None)
+
+
+def run(service: str, start: Callable[[weir_config.WeirConfig], Started]) -> None:
+    """Loads and validates the config (exit 2 when invalid), starts, serves until SIGTERM."""
+    try:
+        config = weir_config.load()
+    except weir_config.ConfigError as exc:
+        print(f"{service}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    logs.setup(service, config.log_level)
+    started = start(config)
+    log.info("serving", extra={"address": f"{config.bind_host}:{started.server.port}",
+                               "services": started.server.names})
+    try:
+        started.server.serve_until_signalled(grace_seconds=config.shutdown_grace_seconds,
+                                             drain=started.drain)
+    finally:
+        started.close()
