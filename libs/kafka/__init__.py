@@ -1,0 +1,1 @@
+"""Kafka behind a small interface: produce, consume with ack/nack, safe offset commits."""
