@@ -1,0 +1,1 @@
+"""Cassandra behind small stores: tasks, tenants and API keys, dedup claims; versioned schema."""

@@ -1,0 +1,28 @@
+"""Connecting to Cassandra with the settings every Weir process shares."""
+
+from __future__ import annotations
+
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
+
+from libs.config import WeirConfig
+
+
+def connect(config: WeirConfig, *, keyspace: str | None = None,
+            request_timeout_seconds: float = 10.0) -> Session:
+    """A session on the configured cluster, using ``keyspace`` (the config's by default).
+
+    Pass ``keyspace=""`` for a session bound to no keyspace (the migrator creates it).
+    """
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy()),
+        request_timeout=request_timeout_seconds)
+    cluster = Cluster(config.cassandra_contact_points, port=config.cassandra_port,
+                      execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+                      connect_timeout=10)
+    name = config.keyspace if keyspace is None else keyspace
+    return cluster.connect(name or None)
+
+
+def close(session: Session) -> None:
+    session.cluster.shutdown()
