@@ -1,0 +1,1 @@
+"""Dispatcher: consumes task topics and pushes tasks to executor-managers by their load."""

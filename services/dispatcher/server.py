@@ -1,0 +1,15 @@
+"""The dispatcher's gRPC server."""
+
+from __future__ import annotations
+
+from weir.internal.dispatcher.v1 import dispatcher_pb2_grpc
+
+from libs.config import WeirConfig
+from libs.grpcserver import GrpcServer, create_server as create_grpc_server, servicer
+
+
+def create_server(config: WeirConfig) -> GrpcServer:
+    """Serves DispatcherService; it answers UNIMPLEMENTED until the pipeline issue builds it."""
+    return create_grpc_server(
+        host=config.bind_host, port=config.dispatcher_port, workers=config.grpc_workers,
+        servicers=[servicer(dispatcher_pb2_grpc, "DispatcherService")])

@@ -1,0 +1,1 @@
+"""Gateway: the public weir.v1 API — authentication, validation, admission, submission."""

@@ -1,0 +1,48 @@
+"""Tenant administration: ``python -m services.gateway.admin ensure-tenant NAME --key-file F``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from libs import config as weir_config
+from libs.cassandra.session import close, connect
+from libs.cassandra.tenants import TenantStore
+
+
+def ensure_tenant(store: TenantStore, tenant_id: str, key_file: Path) -> tuple[str, bool]:
+    """Creates the tenant if missing and makes sure ``key_file`` holds a valid key of it.
+
+    Returns the key and whether a new one was issued. An existing file whose key still
+    resolves to the tenant is kept, so running this at every start changes nothing.
+    """
+    store.create_tenant(tenant_id)
+    if key_file.exists():
+        existing = key_file.read_text().strip()
+        if existing and store.tenant_of(existing) == tenant_id:
+            return existing, False
+    api_key = store.issue_api_key(tenant_id)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.touch(mode=0o600)
+    key_file.write_text(api_key + "\n")
+    return api_key, True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Weir tenant administration.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ensure = commands.add_parser("ensure-tenant", help="create a tenant and an API key file")
+    ensure.add_argument("tenant_id")
+    ensure.add_argument("--key-file", type=Path, required=True)
+    args = parser.parse_args()
+    session = connect(weir_config.load())
+    try:
+        _, issued = ensure_tenant(TenantStore(session), args.tenant_id, args.key_file)
+    finally:
+        close(session)
+    print(f"tenant {args.tenant_id}: API key {'written to' if issued else 'kept in'} "
+          f"{args.key_file}")
+
+
+if __name__ == "__main__":
+    main()

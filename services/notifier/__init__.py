@@ -1,0 +1,1 @@
+"""Notifier: delivers task outcomes to webhooks, topics and watch streams."""

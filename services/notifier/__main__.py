@@ -1,0 +1,13 @@
+"""Runs the notifier: ``python -m services.notifier``."""
+
+from libs import service
+from libs.config import WeirConfig
+from services.notifier.server import create_server
+
+
+def start(config: WeirConfig) -> service.Started:
+    return service.Started(server=create_server(config))
+
+
+if __name__ == "__main__":
+    service.run("notifier", start)

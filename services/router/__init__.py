@@ -1,0 +1,1 @@
+"""Router: the routing table (tenant, function) -> topic and shuffle-shard partitions."""

@@ -1,0 +1,15 @@
+"""The router's gRPC server."""
+
+from __future__ import annotations
+
+from weir.internal.router.v1 import router_pb2_grpc
+
+from libs.config import WeirConfig
+from libs.grpcserver import GrpcServer, create_server as create_grpc_server, servicer
+
+
+def create_server(config: WeirConfig) -> GrpcServer:
+    """Serves RouterService; it answers UNIMPLEMENTED until the pipeline issue builds it."""
+    return create_grpc_server(
+        host=config.bind_host, port=config.router_port, workers=config.grpc_workers,
+        servicers=[servicer(router_pb2_grpc, "RouterService")])
