@@ -1,0 +1,84 @@
+# Weir — `make run` starts the whole suite, `make test` runs every test against real engines.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+SITE = $(shell $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+GEN := gen/python
+TOOLS := $(CURDIR)/.tools/bin
+GRPCURL_VERSION := v1.9.3
+BUF_VERSION := v1.50.0
+PROTOS := $(shell find protos -name '*.proto')
+GATEWAY := 127.0.0.1:$(or $(WEIR_GATEWAY_PORT),50051)
+
+.PHONY: help venv lock proto tools engines schema topics bootstrap run stop status test lint clean
+
+help: ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+venv: $(VENV)/.installed ## Python venv with the pinned packages; repo and generated code on its path.
+$(VENV)/.installed: requirements.lock
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required (Weir targets Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock
+	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" > "$(SITE)/weir-dev.pth"
+	touch $@
+
+lock: ## Re-pin requirements.lock from requirements.in (in a scratch venv).
+	rm -rf .cache/lockvenv && $(PYTHON) -m venv .cache/lockvenv
+	.cache/lockvenv/bin/pip install -q -r requirements.in
+	{ echo '# Pinned by `make lock` from requirements.in; install with pip install -r requirements.lock.'; \
+	  .cache/lockvenv/bin/pip freeze; } > requirements.lock
+
+proto: $(GEN)/.stamp ## Generate Python code from protos/ into gen/python.
+$(GEN)/.stamp: $(VENV)/.installed $(PROTOS)
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m grpc_tools.protoc -I protos -I "$(SITE)" --python_out=$(GEN) --pyi_out=$(GEN) \
+	  --grpc_python_out=$(GEN) $(PROTOS)
+	touch $@
+
+tools: $(TOOLS)/grpcurl $(TOOLS)/buf ## Pinned grpcurl and buf, built from the Go module proxy.
+$(TOOLS)/grpcurl:
+	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
+$(TOOLS)/buf:
+	GOBIN=$(TOOLS) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+
+engines: venv ## Fetch (Maven) and start Kafka and Cassandra on 127.0.0.1.
+	deploy/local/engines.sh start all
+
+schema: venv ## Apply the Cassandra schema migrations.
+	$(PY) -m libs.cassandra.migrate
+
+topics: venv ## Create the Kafka topics.
+	$(PY) -m libs.kafka.topics
+
+bootstrap: venv proto tools engines schema topics
+
+run: bootstrap ## Start the whole suite and a demo tenant.
+	deploy/local/services.sh start
+	$(PY) -m services.gateway.admin ensure-tenant demo --key-file .weir/demo-api-key
+	@echo
+	@echo "Weir is up. Gateway: $(GATEWAY)   demo API key: .weir/demo-api-key"
+	@echo "  $(TOOLS)/grpcurl -plaintext $(GATEWAY) list"
+	@echo "Logs: .var/log/   Stop everything: make stop"
+
+stop: ## Stop the services, then Kafka and Cassandra.
+	-deploy/local/services.sh stop
+	deploy/local/engines.sh stop all
+
+status: ## Show what is running.
+	@deploy/local/services.sh status; deploy/local/engines.sh status
+
+lint: venv tools ## ruff and buf lint.
+	$(VENV)/bin/ruff check libs services tests
+	cd protos/.. && $(TOOLS)/buf lint
+
+test: venv proto tools ## Run every test against real Kafka and Cassandra (stops what it started).
+	$(MAKE) --no-print-directory lint
+	deploy/local/with-engines.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+clean: ## Remove generated code and local state (stops everything first).
+	-$(MAKE) --no-print-directory stop
+	rm -rf $(GEN) .var .weir

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Starts and stops the five Weir services as background processes on this machine.
+#   services.sh start | stop | status
+# Logs: .var/log/<service>.log (JSON lines). Pids: .var/run/<service>.pid.
+# Settings come from the environment (WEIR_*), see `python -m libs.config`.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+PY="$ROOT/.venv/bin/python"
+RUN="$ROOT/.var/run"
+LOG="$ROOT/.var/log"
+SERVICES=(router notifier executor_manager dispatcher gateway)
+mkdir -p "$RUN" "$LOG"
+
+port_of() { "$PY" -c "from libs import config; print(config.load().port_of('$1'))"; }
+alive() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+
+start() {
+  cd "$ROOT"
+  for s in "${SERVICES[@]}"; do
+    if alive "$s"; then echo "$s: already running (pid $(cat "$RUN/$s.pid"))"; continue; fi
+    rm -f "$RUN/$s.pid"
+    nohup "$PY" -m "services.$s" >>"$LOG/$s.log" 2>&1 &
+    echo $! >"$RUN/$s.pid"
+  done
+  for s in "${SERVICES[@]}"; do
+    local port; port=$(port_of "$s")
+    if ! "$PY" -m libs.healthcheck "127.0.0.1:$port" --timeout 60; then
+      echo "$s did not become healthy; last log lines:" >&2
+      tail -n 20 "$LOG/$s.log" >&2
+      exit 1
+    fi
+    echo "$s: serving on 127.0.0.1:$port (pid $(cat "$RUN/$s.pid"))"
+  done
+}
+
+stop() {
+  for s in "${SERVICES[@]}"; do
+    if alive "$s"; then
+      local pid; pid=$(cat "$RUN/$s.pid")
+      kill -TERM "$pid"
+      for _ in $(seq 1 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+      echo "$s: stopped"
+    fi
+    rm -f "$RUN/$s.pid"
+  done
+}
+
+status() {
+  for s in "${SERVICES[@]}"; do
+    if alive "$s"; then echo "$s: running (pid $(cat "$RUN/$s.pid"))"; else echo "$s: stopped"; fi
+  done
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status) status ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
