@@ -95,8 +95,10 @@ class _Rebalance(ConsumerRebalanceListener):
         self._consumer = consumer
 
     def on_partitions_revoked(self, revoked):
-        # Commit what is safe while we still own the partitions, then forget them.
-        self._consumer.commit()
+        # Best effort: kafka-python runs this on its IO thread, where a blocking commit is
+        # refused, so the commit is asynchronous and may lose the race with the rebalance.
+        # Then the new owner redelivers what was done since the last commit (at-least-once).
+        self._consumer.commit(revoked, wait=False)
         self._consumer._forget(revoked)
 
     def on_partitions_assigned(self, assigned):
@@ -137,11 +139,17 @@ class Consumer:
                     consumer=self))
         return messages
 
-    def commit(self) -> dict[TopicPartition, int]:
+    def commit(self, partitions: Iterable[TopicPartition] | None = None, *,
+               wait: bool = True) -> dict[TopicPartition, int]:
         """Commits each owned partition up to its lowest unacknowledged offset."""
-        offsets = {tp: t.commit_offset() for tp, t in self._trackers.items()}
+        chosen = self._trackers if partitions is None else set(partitions) & set(self._trackers)
+        offsets = {tp: self._trackers[tp].commit_offset() for tp in chosen}
         if offsets:
-            self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            request = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
+            if wait:
+                self._consumer.commit(request)
+            else:
+                self._consumer.commit_async(request)
         return offsets
 
     def close(self) -> None:
