@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from cassandra import ProtocolVersion
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import DCAwareRoundRobinPolicy, TokenAwarePolicy
 
@@ -19,7 +20,7 @@ def connect(config: WeirConfig, *, keyspace: str | None = None,
         request_timeout=request_timeout_seconds)
     cluster = Cluster(config.cassandra_contact_points, port=config.cassandra_port,
                       execution_profiles={EXEC_PROFILE_DEFAULT: profile},
-                      connect_timeout=10)
+                      connect_timeout=10, protocol_version=ProtocolVersion.V5)
     name = config.keyspace if keyspace is None else keyspace
     return cluster.connect(name or None)
 
