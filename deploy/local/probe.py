@@ -1,0 +1,38 @@
+"""Readiness probe for the local engines: exit 0 once the engine really answers.
+
+    probe.py kafka HOST:PORT        a metadata request (list topics)
+    probe.py cassandra HOST PORT    SELECT release_version FROM system.local
+"""
+
+import logging
+import sys
+
+
+def kafka(address: str) -> None:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=address, request_timeout_ms=3000,
+                             bootstrap_timeout_ms=3000, client_id="weir-probe")
+    try:
+        admin.list_topics()
+    finally:
+        admin.close()
+
+
+def cassandra(host: str, port: str) -> None:
+    from cassandra.cluster import Cluster
+
+    cluster = Cluster([host], port=int(port), connect_timeout=3, protocol_version=5)
+    try:
+        cluster.connect().execute("SELECT release_version FROM system.local", timeout=3)
+    finally:
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    logging.disable(logging.CRITICAL)  # a refused connection is the expected answer while booting
+    try:
+        {"kafka": kafka, "cassandra": cassandra}[sys.argv[1]](*sys.argv[2:])
+    except Exception as exc:  # any failure means "not ready yet"; the caller retries
+        print(f"not ready: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(1)
