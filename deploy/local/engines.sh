@@ -57,7 +57,12 @@ fetch_one() {
 fetch() { fetch_one kafka; fetch_one cassandra; }
 
 pid_of() { [[ -f "$RUN/$1.pid" ]] && cat "$RUN/$1.pid" || true; }
-running() { local pid; pid=$(pid_of "$1"); [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; }
+main_class() { [[ $1 == kafka ]] && echo kafka.Kafka || echo CassandraDaemon; }
+# Alive and still our engine: a recycled pid belonging to another program does not count.
+running() {
+  local pid; pid=$(pid_of "$1")
+  [[ -n "$pid" ]] && ps -o args= -p "$pid" 2>/dev/null | grep -q "$(main_class "$1")"
+}
 
 probe() {
   case $1 in

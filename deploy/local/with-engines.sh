@@ -5,7 +5,7 @@
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 ENGINES="$ROOT/deploy/local/engines.sh"
-alive() { [[ -f "$ROOT/.var/run/$1.pid" ]] && kill -0 "$(cat "$ROOT/.var/run/$1.pid")" 2>/dev/null; }
+alive() { "$ENGINES" status "$1" | grep -q ': running'; }
 
 started=()
 for engine in kafka cassandra; do alive "$engine" || started+=("$engine"); done
