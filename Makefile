@@ -13,7 +13,7 @@ BUF_VERSION := v1.50.0
 PROTOS := $(shell find protos -name '*.proto')
 GATEWAY := 127.0.0.1:$(or $(WEIR_GATEWAY_PORT),50051)
 
-.PHONY: help venv lock proto tools engines schema topics bootstrap run stop status test lint clean
+.PHONY: help venv lock proto tools engines schema topics bootstrap run stop status test bench lint clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -72,12 +72,15 @@ status: ## Show what is running.
 	@deploy/local/services.sh status; deploy/local/engines.sh status
 
 lint: venv tools ## ruff and buf lint.
-	$(VENV)/bin/ruff check libs services tests
+	$(VENV)/bin/ruff check libs services tests benchmarks deploy
 	cd protos/.. && $(TOOLS)/buf lint
 
 test: venv proto tools ## Run every test against real Kafka and Cassandra (stops what it started).
 	$(MAKE) --no-print-directory lint
 	deploy/local/with-engines.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: venv proto ## Benchmarks (not tests): figures into bench-results/, see docs/benchmarks.md.
+	deploy/local/with-engines.sh $(PY) -m benchmarks.engines
 
 clean: ## Remove generated code and local state (stops everything first).
 	-$(MAKE) --no-print-directory stop
