@@ -73,7 +73,8 @@ status: ## Show what is running.
 
 lint: venv tools ## ruff and buf lint.
 	$(VENV)/bin/ruff check libs services tests benchmarks deploy
-	cd protos/.. && $(TOOLS)/buf lint
+	mkdir -p .cache/protodeps/google/rpc && cp "$(SITE)/google/rpc/status.proto" .cache/protodeps/google/rpc/
+	$(TOOLS)/buf lint
 
 test: venv proto tools ## Run every test against real Kafka and Cassandra (stops what it started).
 	$(MAKE) --no-print-directory lint

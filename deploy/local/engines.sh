@@ -61,7 +61,7 @@ main_class() { [[ $1 == kafka ]] && echo kafka.Kafka || echo CassandraDaemon; }
 # Alive and still our engine: a recycled pid belonging to another program does not count.
 running() {
   local pid; pid=$(pid_of "$1")
-  [[ -n "$pid" ]] && ps -o args= -p "$pid" 2>/dev/null | grep -q "$(main_class "$1")"
+  [[ -n "$pid" ]] && ps -ww -o args= -p "$pid" 2>/dev/null | grep -q "$(main_class "$1")"
 }
 
 probe() {
@@ -174,6 +174,9 @@ start() {
     else
       [[ -f "$RUN/$engine.pid" ]] && say "$engine: removing stale pid file"
       rm -f "$RUN/$engine.pid"
+      # An engine we did not start (another checkout, a container) would make ours fail to
+      # bind while the probe still answered: refuse instead of pretending.
+      probe "$engine" && die "$engine: something not started by this checkout already answers on its port"
       say "$engine: starting"
       "launch_$engine" "$java"
     fi
