@@ -23,7 +23,8 @@ $(VENV)/.installed: requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required (Weir targets Python 3.11)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements.lock
-	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" > "$(SITE)/weir-dev.pth"
+	# Make expands a recipe before running it, so the venv's site dir is asked for in the shell.
+	printf '%s\n%s\n' "$(CURDIR)" "$(CURDIR)/$(GEN)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/weir-dev.pth"
 	touch $@
 
 lock: ## Re-pin requirements.lock from requirements.in (in a scratch venv).

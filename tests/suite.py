@@ -6,11 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from libs.config import WeirConfig
-from libs.healthcheck import wait_until_serving
+from libs.healthcheck import is_serving
 from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,11 +53,13 @@ class Suite:
             self.services[name] = RunningService(name, f"127.0.0.1:{ports[name]}", process,
                                                  log_path)
         for service in self.services.values():
-            try:
-                wait_until_serving(service.address, timeout_seconds=60)
-            except TimeoutError as exc:
-                raise RuntimeError(f"{service.name} did not start:\n"
-                                   f"{service.log_path.read_text()[-3000:]}") from exc
+            deadline = time.monotonic() + 60
+            while not is_serving(service.address):
+                if service.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"{service.name} did not start:\n"
+                                       f"{service.log_path.read_text()[-3000:]}")
+                time.sleep(0.1)
 
     def stop(self) -> dict[str, int]:
         """SIGTERM every service; returns their exit codes."""
