@@ -93,7 +93,7 @@ launch_kafka() {
 
 launch_cassandra() {
   local java=$1 dir="$VAR/cassandra" lib="$CACHE/cassandra/lib"
-  mkdir -p "$dir/data" "$dir/logs" "$dir/tmp"
+  mkdir -p "$dir/data" "$dir/logs" "$dir/tmp" "$dir/triggers"
   local heap=${WEIR_CASSANDRA_HEAP:-1g}
   local opts=(
     -Xms"$heap" -Xmx"$heap" -Xss256k
@@ -132,6 +132,7 @@ launch_cassandra() {
     -Dcassandra.config=file://"$HERE/cassandra/cassandra.yaml"
     -Dcassandra.native_transport_port="$CASSANDRA_PORT"
     -Dcassandra.storagedir="$dir/data"
+    -Dcassandra.triggers_dir="$dir/triggers"
     -Dcassandra.logdir="$dir/logs"
     -Dlogback.configurationFile="$HERE/cassandra/logback.xml"
     -Dcassandra-foreground=yes
