@@ -73,35 +73,29 @@ class ErrorInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
 
-        def around(behaviour, streams):
-            def abort(context: grpc.ServicerContext, exc: Exception):
-                if isinstance(exc, NotImplementedError):
-                    exc = Unimplemented(f"{method.lstrip('/')} is not implemented yet")
-                if isinstance(exc, WeirError):
-                    context.abort_with_status(exc.to_status())
-                ref = uuid.uuid4().hex[:12]
-                log.exception("unhandled error in %s", method, extra={"error_ref": ref})
-                context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+        def fail(context: grpc.ServicerContext, exc: Exception) -> None:
+            if isinstance(exc, NotImplementedError):  # the generated base servicer's answer
+                exc = Unimplemented(f"{method.lstrip('/')} is not implemented yet")
+            if isinstance(exc, WeirError):
+                context.abort_with_status(exc.to_status())
+            if _is_abort(context):
+                raise exc  # a servicer called context.abort itself: its status stands
+            ref = uuid.uuid4().hex[:12]
+            log.exception("unhandled error in %s", method, extra={"error_ref": ref})
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
 
+        def around(behaviour, streams):
             def guard_unary(request, context):
                 try:
                     return behaviour(request, context)
-                except (WeirError, NotImplementedError) as exc:
-                    abort(context, exc)
                 except Exception as exc:
-                    if _is_abort(context):
-                        raise
-                    abort(context, exc)
+                    fail(context, exc)
 
             def guard_stream(request, context) -> Iterator[Any]:
                 try:
                     yield from behaviour(request, context)
-                except (WeirError, NotImplementedError) as exc:
-                    abort(context, exc)
                 except Exception as exc:
-                    if _is_abort(context):
-                        raise
-                    abort(context, exc)
+                    fail(context, exc)
 
             return guard_stream if streams else guard_unary
 
