@@ -62,6 +62,10 @@ class WeirConfig:
         16, "Partitions per task topic (one topic per priority tier); shards draw from these.",
         check=_positive, rule="> 0")
 
+    shard_size: int = setting(
+        2, "Partitions in each (tenant, function)'s shuffle shard (k of the task partitions).",
+        check=_positive, rule="> 0")
+
     # Service addresses. Every service binds host:port; 0 asks the OS for a free port.
     bind_host: str = setting("127.0.0.1", "Interface every service listens on.")
     gateway_port: int = setting(50051, "Gateway (public weir.v1 API) port.", check=_port,
@@ -71,6 +75,35 @@ class WeirConfig:
     executor_manager_port: int = setting(50054, "Executor-manager port.", check=_port,
                                          rule="0..65535")
     notifier_port: int = setting(50055, "Notifier port.", check=_port, rule="0..65535")
+
+    router_address: str = setting("127.0.0.1:50052", "Where gateways reach a router.")
+    dispatcher_addresses: str = setting(
+        "127.0.0.1:50053", "Dispatchers executor-managers report their load to, comma-separated.")
+    notifier_address: str = setting("127.0.0.1:50055", "Where gateways reach a notifier.")
+    executor_id: str = setting("", "This executor-manager's stable ID; empty means host:port.")
+    advertise_host: str = setting("127.0.0.1",
+                                  "Host other services use to reach this process.")
+
+    # Pipeline behaviour.
+    max_payload_bytes: int = setting(1 << 20, "Largest task payload the gateway accepts.",
+                                     check=_positive, rule="> 0")
+    worker_processes: int = setting(4, "Worker processes per executor-manager (its slots).",
+                                    check=_positive, rule="> 0")
+    lease_seconds: float = setting(
+        30.0, "How long a dispatch lease lasts unless renewed; a dead executor's tasks are "
+        "re-dispatched after at most this long.", check=_positive, rule="> 0")
+    sweep_interval_seconds: float = setting(
+        2.0, "How often sweepers look for unqueued tasks and expired leases.",
+        check=_positive, rule="> 0")
+    unqueued_grace_seconds: float = setting(
+        5.0, "Age after which a task still not confirmed on Kafka is queued by the sweeper.",
+        check=_positive, rule="> 0")
+    webhook_timeout_seconds: float = setting(5.0, "Timeout of one webhook POST.",
+                                             check=_positive, rule="> 0")
+
+    fault: str = setting(
+        "", "Test-only fault injection point, e.g. gateway.crash_after_store; empty in "
+        "production.")
 
     # Behaviour shared by all services.
     grpc_workers: int = setting(32, "Threads serving gRPC calls per service.", check=_positive,

@@ -19,6 +19,7 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
 from libs.kafka.acks import PartitionAckTracker
+from libs.kafka.topics import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Producer:
         self._producer = KafkaProducer(
             bootstrap_servers=bootstrap.split(","), client_id=client_id, acks="all",
             enable_idempotence=True, linger_ms=linger_ms, retries=5,
-            request_timeout_ms=10_000, max_block_ms=10_000)
+            request_timeout_ms=10_000, max_block_ms=10_000, max_request_size=MAX_MESSAGE_BYTES)
 
     def send_all(self, records: Iterable[Record], *, timeout_seconds: float = 10.0) -> None:
         """Produces every record and returns when all are acknowledged by the broker.

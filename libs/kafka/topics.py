@@ -17,6 +17,10 @@ log = logging.getLogger(__name__)
 PRIORITY_TIERS = ("high", "normal", "low")
 
 
+# Task records carry payloads of up to 1 MiB plus their envelope: above Kafka's 1 MB default.
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     name: str
@@ -55,7 +59,9 @@ def ensure_topics(*, bootstrap: str, specs: list[TopicSpec], replication_factor:
             # Another process may create them between our list and create: that is fine.
             with contextlib.suppress(TopicAlreadyExistsError):
                 admin.create_topics(
-                    [NewTopic(s.name, s.partitions, replication_factor) for s in missing],
+                    [NewTopic(s.name, s.partitions, replication_factor,
+                              topic_configs={"max.message.bytes": str(MAX_MESSAGE_BYTES)})
+                     for s in missing],
                     timeout_ms=30_000, wait_for_metadata=True)
         return [s.name for s in missing]
     finally:
