@@ -1,12 +1,18 @@
 """Runs the router: ``python -m services.router``."""
 
 from libs import service
+from libs.cassandra.session import close, connect
 from libs.config import WeirConfig
+from services.router.engine import RouteTable
 from services.router.server import create_server
 
 
 def start(config: WeirConfig) -> service.Started:
-    return service.Started(server=create_server(config))
+    session = connect(config)
+    routes = RouteTable(session, topic_prefix=config.topic_prefix,
+                        partitions=config.task_partitions, shard_size=config.shard_size)
+    return service.Started(server=create_server(config, routes=routes),
+                           close=lambda: close(session))
 
 
 if __name__ == "__main__":
