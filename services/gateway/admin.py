@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from weir.v1 import functions_pb2
+
 from libs import config as weir_config
+from libs.cassandra.functions import FunctionStore
 from libs.cassandra.session import close, connect
 from libs.cassandra.tenants import TenantStore
 
@@ -28,20 +31,34 @@ def ensure_tenant(store: TenantStore, tenant_id: str, key_file: Path) -> tuple[s
     return api_key, True
 
 
+DEMO_FUNCTIONS = {"echo": "examples.demo:echo", "sleep": "examples.demo:sleep",
+                  "fail": "examples.demo:fail"}
+
+
+def ensure_demo_functions(store: FunctionStore, tenant_id: str) -> list[str]:
+    """Registers the demo functions the README tour uses; returns those it created."""
+    return [name for name, handler in DEMO_FUNCTIONS.items()
+            if store.create(tenant_id, functions_pb2.Function(name=name, handler=handler))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Weir tenant administration.")
     commands = parser.add_subparsers(dest="command", required=True)
     ensure = commands.add_parser("ensure-tenant", help="create a tenant and an API key file")
     ensure.add_argument("tenant_id")
     ensure.add_argument("--key-file", type=Path, required=True)
+    ensure.add_argument("--demo-functions", action="store_true",
+                        help="also register the demo functions echo, sleep and fail")
     args = parser.parse_args()
     session = connect(weir_config.load())
     try:
         _, issued = ensure_tenant(TenantStore(session), args.tenant_id, args.key_file)
+        created = (ensure_demo_functions(FunctionStore(session), args.tenant_id)
+                   if args.demo_functions else [])
     finally:
         close(session)
     print(f"tenant {args.tenant_id}: API key {'written to' if issued else 'kept in'} "
-          f"{args.key_file}")
+          f"{args.key_file}" + (f"; functions created: {', '.join(created)}" if created else ""))
 
 
 if __name__ == "__main__":

@@ -4,25 +4,35 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from weir.internal.notifier.v1 import notifier_pb2_grpc
 from weir.v1 import dead_letters_pb2_grpc, functions_pb2_grpc, operations_pb2_grpc, tasks_pb2_grpc
 
+from libs.cassandra.functions import FunctionStore
+from libs.cassandra.tasks import TaskStore
 from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from libs.grpcserver import GrpcServer, create_server as create_grpc_server, servicer
 from services.gateway.auth import ApiKeyAuthenticator, AuthInterceptor
+from services.gateway.engine import Submitter
+from services.gateway.functions import FunctionHandler
+from services.gateway.tasks import TaskHandler
 
 
-def create_server(config: WeirConfig, *, tenants: TenantStore) -> GrpcServer:
+def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submitter,
+                  tasks: TaskStore, functions: FunctionStore,
+                  notifier: notifier_pb2_grpc.NotifierServiceStub) -> GrpcServer:
     """Serves the public API on the gateway port; every call must carry a tenant's API key."""
     authenticator = ApiKeyAuthenticator(
         tenant_of=tenants.tenant_of, cache_for=timedelta(seconds=config.api_key_cache_seconds))
+    task_handler = TaskHandler(submitter=submitter, tasks=tasks, notifier=notifier,
+                               max_payload_bytes=config.max_payload_bytes)
     return create_grpc_server(
         host=config.bind_host, port=config.gateway_port, workers=config.grpc_workers,
         interceptors=[AuthInterceptor(authenticator)],
         servicers=[
-            # Each answers UNIMPLEMENTED until the issue that builds it lands.
-            servicer(tasks_pb2_grpc, "TaskService"),
-            servicer(functions_pb2_grpc, "FunctionService"),
+            servicer(tasks_pb2_grpc, "TaskService", task_handler),
+            servicer(functions_pb2_grpc, "FunctionService", FunctionHandler(functions)),
+            # These answer UNIMPLEMENTED until the task-semantics issue lands.
             servicer(dead_letters_pb2_grpc, "DeadLetterService"),
             servicer(operations_pb2_grpc, "OperationService"),
         ])
