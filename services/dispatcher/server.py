@@ -6,10 +6,13 @@ from weir.internal.dispatcher.v1 import dispatcher_pb2_grpc
 
 from libs.config import WeirConfig
 from libs.grpcserver import GrpcServer, create_server as create_grpc_server, servicer
+from services.dispatcher.engine import ExecutorDirectory
+from services.dispatcher.handler import DispatcherHandler
 
 
-def create_server(config: WeirConfig) -> GrpcServer:
-    """Serves DispatcherService; it answers UNIMPLEMENTED until the pipeline issue builds it."""
+def create_server(config: WeirConfig, *, directory: ExecutorDirectory) -> GrpcServer:
+    """Serves DispatcherService: executor load reports feed the directory."""
     return create_grpc_server(
         host=config.bind_host, port=config.dispatcher_port, workers=config.grpc_workers,
-        servicers=[servicer(dispatcher_pb2_grpc, "DispatcherService")])
+        servicers=[servicer(dispatcher_pb2_grpc, "DispatcherService",
+                            DispatcherHandler(directory))])
