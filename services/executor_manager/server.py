@@ -6,10 +6,13 @@ from weir.internal.executor_manager.v1 import executor_manager_pb2_grpc
 
 from libs.config import WeirConfig
 from libs.grpcserver import GrpcServer, create_server as create_grpc_server, servicer
+from services.executor_manager.engine import Executor
+from services.executor_manager.handler import ExecutorHandler
 
 
-def create_server(config: WeirConfig) -> GrpcServer:
-    """Serves ExecutorService; it answers UNIMPLEMENTED until the pipeline issue builds it."""
+def create_server(config: WeirConfig, *, executor: Executor) -> GrpcServer:
+    """Serves ExecutorService over the executor's worker pool."""
     return create_grpc_server(
         host=config.bind_host, port=config.executor_manager_port, workers=config.grpc_workers,
-        servicers=[servicer(executor_manager_pb2_grpc, "ExecutorService")])
+        servicers=[servicer(executor_manager_pb2_grpc, "ExecutorService",
+                            ExecutorHandler(executor))])

@@ -1,0 +1,18 @@
+"""Weir's Python SDK: a client for submitting tasks, and the handler side.
+
+    from libs import sdk
+
+    @sdk.task
+    def resize(payload: bytes) -> bytes:
+        ...
+
+    client = sdk.Client("127.0.0.1:50051", api_key=...)
+    task = client.create_task("resize", b"...")
+    done = client.wait(task.task_id)
+"""
+
+from libs.sdk.client import Client, TaskFailed
+from libs.sdk.handlers import NonRetryableError, RetryableError, ThrottledError, task
+
+__all__ = ["Client", "NonRetryableError", "RetryableError", "TaskFailed", "ThrottledError",
+           "task"]

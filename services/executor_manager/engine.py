@@ -1,0 +1,229 @@
+"""Running pushed tasks: one attempt per worker process, fenced by the dispatcher's lease."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+from google.rpc import code_pb2, status_pb2
+from weir.internal.executor_manager.v1 import executor_manager_pb2
+from weir.storage.v1 import records_pb2
+from weir.v1 import common_pb2, functions_pb2, tasks_pb2, worker_pb2
+
+from libs.cache import TtlCache
+from libs.cassandra.functions import FunctionStore
+from libs.cassandra.tasks import TaskStore, now_utc, timestamp_of
+from libs.errors import ResourceExhausted
+from libs.kafka.client import Producer, Record
+from services.executor_manager.pool import WorkerPool, WorkerProcess
+
+log = logging.getLogger(__name__)
+
+State = tasks_pb2.TaskState
+Exit = tasks_pb2.ExitReason
+ErrorClass = common_pb2.ErrorClass
+DEFAULT_TIMEOUT = timedelta(seconds=60)
+
+
+@dataclass
+class Running:
+    tenant_id: str
+    task_id: str
+    lease_id: uuid.UUID
+    worker: WorkerProcess
+
+
+@dataclass
+class Outcome:
+    """What one attempt produced, before it is recorded."""
+
+    result: bytes = b""
+    status: status_pb2.Status | None = None
+    error_class: int = ErrorClass.ERROR_CLASS_UNSPECIFIED
+    exit_reason: int = Exit.EXIT_REASON_RETURNED
+    retry_delay: object | None = None
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status is None or self.status.code == code_pb2.OK
+
+
+class Executor:
+    """Takes dispatched tasks while it has an idle worker; records and publishes outcomes."""
+
+    def __init__(self, *, executor_id: str, tasks: TaskStore, functions: FunctionStore,
+                 pool: WorkerPool, producer: Producer, results_topic: str, lease: timedelta,
+                 on_load_change: Callable[[], None] = lambda: None) -> None:
+        self.executor_id = executor_id
+        self._tasks = tasks
+        self._functions = TtlCache(functions.get, ttl=5.0)
+        self._pool = pool
+        self._producer = producer
+        self._results_topic = results_topic
+        self._lease = lease
+        self._on_load_change = on_load_change
+        self._running: dict[tuple[str, str], Running] = {}
+        self._lock = threading.Lock()
+        self._threads = ThreadPoolExecutor(max_workers=pool.capacity * 2,
+                                           thread_name_prefix="attempt")
+        self.draining = False
+
+    def load(self) -> executor_manager_pb2.GetLoadResponse:
+        return executor_manager_pb2.GetLoadResponse(
+            capacity=self._pool.capacity, in_flight=self._pool.in_flight,
+            draining=self.draining)
+
+    def dispatch(self, request: executor_manager_pb2.DispatchRequest) -> None:
+        """Starts the attempt on an idle worker.
+
+        Raises:
+            ResourceExhausted: no idle worker, or draining; the dispatcher tries elsewhere.
+        """
+        worker = None if self.draining else self._pool.acquire()
+        if worker is None:
+            raise ResourceExhausted("no idle worker on this executor",
+                                    retry_after=timedelta(milliseconds=100),
+                                    reason="EXECUTOR_FULL",
+                                    metadata={"executor_id": self.executor_id})
+        self._on_load_change()
+        running = Running(request.task.tenant_id, request.task.task_id,
+                          uuid.UUID(request.lease_id), worker)
+        with self._lock:
+            self._running[(running.tenant_id, running.task_id)] = running
+        self._threads.submit(self._attempt, request.task, running)
+
+    def renew_leases(self) -> None:
+        """Extends the lease of every running attempt; stops attempts whose lease was lost."""
+        with self._lock:
+            running = list(self._running.values())
+        for attempt in running:
+            if not self._tasks.renew(attempt.tenant_id, attempt.task_id,
+                                     lease_id=attempt.lease_id,
+                                     expire_time=now_utc() + self._lease):
+                log.warning("lease lost; stopping the attempt", extra={
+                    "tenant": attempt.tenant_id, "task_id": attempt.task_id})
+                attempt.worker.kill()  # its Execute fails; the outcome write is then fenced
+
+    def drain(self, timeout_seconds: float) -> None:
+        """Takes no new work and waits for running attempts to finish."""
+        self.draining = True
+        self._on_load_change()
+        self._threads.shutdown(wait=True, cancel_futures=False)
+        del timeout_seconds  # attempts end by their own timeouts
+
+    def _attempt(self, message: records_pb2.TaskMessage, running: Running) -> None:
+        try:
+            self._run(message, running)
+        except Exception:
+            log.exception("attempt failed unexpectedly; its lease will expire and it will "
+                          "run again", extra={"task_id": message.task_id})
+        finally:
+            with self._lock:
+                self._running.pop((running.tenant_id, running.task_id), None)
+
+    def _run(self, message: records_pb2.TaskMessage, running: Running) -> None:
+        start = now_utc()
+        if not self._tasks.mark_running(message.tenant_id, message.task_id,
+                                        lease_id=running.lease_id,
+                                        attempt_number=message.attempt_number, start_time=start):
+            self._release(running.worker)
+            return  # the lease moved on before we started: someone else runs it
+        function = self._functions.get(message.tenant_id, message.function)
+        outcome = self._execute(message, function, running.worker)
+        end = now_utc()
+
+        stored = self._tasks.get(message.tenant_id, message.task_id)
+        if stored is None:
+            return
+        record = stored.record
+        attempt = tasks_pb2.Attempt(
+            attempt_number=message.attempt_number, executor_id=self.executor_id,
+            start_time=timestamp_of(start), end_time=timestamp_of(end),
+            status=outcome.status or status_pb2.Status(code=code_pb2.OK),
+            error_class=outcome.error_class, exit_reason=outcome.exit_reason)
+        if outcome.retry_delay is not None:
+            attempt.requested_retry_delay.CopyFrom(outcome.retry_delay)
+        record.task.attempts.append(attempt)
+        record.task.attempt_count = len(record.task.attempts)
+        record.task.last_status.CopyFrom(attempt.status)
+        if outcome.succeeded:
+            record.task.result = outcome.result
+        # Retries by error class arrive with the task-semantics issue; until then a failed
+        # attempt fails the task.
+        state = State.TASK_STATE_SUCCEEDED if outcome.succeeded else State.TASK_STATE_FAILED
+        if not self._tasks.finish(record, state=state, lease_id=running.lease_id,
+                                  detail=attempt.status.message):
+            log.warning("late result rejected: the lease was taken over", extra={
+                "tenant": message.tenant_id, "task_id": message.task_id})
+            return
+        outcome_record = records_pb2.AttemptOutcome(
+            tenant_id=message.tenant_id, task_id=message.task_id, function=message.function,
+            attempt=attempt, result=record.task.result, state=state,
+            lease_id=str(running.lease_id))
+        self._producer.send_all([Record(self._results_topic, outcome_record.SerializeToString(),
+                                        key=message.task_id.encode())])
+
+    def _execute(self, message: records_pb2.TaskMessage,
+                 function: functions_pb2.Function | None, worker: WorkerProcess) -> Outcome:
+        if function is None:
+            self._release(worker)
+            return Outcome(status=status_pb2.Status(
+                code=code_pb2.NOT_FOUND, message=f"function {message.function!r} was deleted"),
+                error_class=ErrorClass.ERROR_CLASS_NON_RETRYABLE,
+                exit_reason=Exit.EXIT_REASON_RAISED)
+        timeout = (function.timeout.ToTimedelta() if function.HasField("timeout")
+                   else DEFAULT_TIMEOUT)
+        request = worker_pb2.ExecuteRequest(
+            attempt_id=f"{message.task_id}/{message.attempt_number}",
+            tenant_id=message.tenant_id, task_id=message.task_id, function=message.function,
+            handler=function.handler, payload=message.payload,
+            attempt_number=message.attempt_number,
+            deadline=timestamp_of(now_utc() + timeout))
+        try:
+            reply = worker.stub.Execute(request, timeout=timeout.total_seconds())
+        except grpc.RpcError as error:
+            return self._failed_call(error, worker, timeout)
+        self._release(worker)
+        if reply.HasField("error"):
+            return Outcome(status=reply.error.status,
+                           error_class=reply.error.error_class or ErrorClass.ERROR_CLASS_RETRYABLE,
+                           exit_reason=Exit.EXIT_REASON_RAISED,
+                           retry_delay=reply.error.retry_delay
+                           if reply.error.HasField("retry_delay") else None)
+        return Outcome(result=reply.result)
+
+    def _failed_call(self, error: grpc.RpcError, worker: WorkerProcess,
+                     timeout: timedelta) -> Outcome:
+        code = error.code()
+        if code == grpc.StatusCode.NOT_FOUND:  # the handler cannot be imported
+            self._release(worker)
+            return Outcome(status=status_pb2.Status(code=code_pb2.NOT_FOUND,
+                                                    message=error.details()),
+                           error_class=ErrorClass.ERROR_CLASS_NON_RETRYABLE,
+                           exit_reason=Exit.EXIT_REASON_RAISED)
+        # A stuck or dead worker: only a fresh process is sure to be clean.
+        self._threads.submit(self._replace, worker)
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Outcome(status=status_pb2.Status(
+                code=code_pb2.DEADLINE_EXCEEDED,
+                message=f"ran longer than the timeout of {timeout.total_seconds():g}s"),
+                error_class=ErrorClass.ERROR_CLASS_RETRYABLE,
+                exit_reason=Exit.EXIT_REASON_TIMED_OUT)
+        return Outcome(status=status_pb2.Status(
+            code=code_pb2.UNAVAILABLE, message=f"the worker process died: {error.details()}"),
+            error_class=ErrorClass.ERROR_CLASS_RETRYABLE,
+            exit_reason=Exit.EXIT_REASON_WORKER_CRASHED)
+
+    def _release(self, worker: WorkerProcess) -> None:
+        self._pool.release(worker)
+        self._on_load_change()
+
+    def _replace(self, worker: WorkerProcess) -> None:
+        self._pool.replace(worker)
+        self._on_load_change()
