@@ -1,12 +1,36 @@
 """Runs the notifier: ``python -m services.notifier``."""
 
 from libs import service
+from libs.cassandra.functions import FunctionStore
+from libs.cassandra.session import close, connect
+from libs.cassandra.tasks import TaskStore
+from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
+from libs.kafka.client import Consumer
+from libs.kafka.topics import results_topic
+from services.notifier.engine import DeliveryStore, Notifier, Watchers, WebhookSender
 from services.notifier.server import create_server
 
 
 def start(config: WeirConfig) -> service.Started:
-    return service.Started(server=create_server(config))
+    session = connect(config)
+    tasks = TaskStore(session, service="notifier")
+    watchers = Watchers()
+    sender = WebhookSender(deliveries=DeliveryStore(session),
+                           timeout_seconds=config.webhook_timeout_seconds).start()
+    consumer = Consumer(bootstrap=config.kafka_bootstrap,
+                        group_id=f"{config.topic_prefix}-notifiers", client_id="notifier",
+                        topics=[results_topic(config.topic_prefix)])
+    notifier = Notifier(consumer=consumer, tasks=tasks, tenants=TenantStore(session),
+                        functions=FunctionStore(session), sender=sender,
+                        watchers=watchers).start()
+    server = create_server(config, tasks=tasks, watchers=watchers)
+
+    def drain() -> None:
+        notifier.stop()
+        sender.stop()
+
+    return service.Started(server=server, drain=drain, close=lambda: close(session))
 
 
 if __name__ == "__main__":
