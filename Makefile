@@ -59,7 +59,7 @@ bootstrap: venv proto tools engines schema topics
 
 run: bootstrap ## Start the whole suite and a demo tenant.
 	deploy/local/services.sh start
-	$(PY) -m services.gateway.admin ensure-tenant demo --key-file .weir/demo-api-key
+	$(PY) -m services.gateway.admin ensure-tenant demo --key-file .weir/demo-api-key --demo-functions
 	@echo
 	@echo "Weir is up. Gateway: $(GATEWAY)   demo API key: .weir/demo-api-key"
 	@echo "  $(TOOLS)/grpcurl -plaintext $(GATEWAY) list"

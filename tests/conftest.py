@@ -64,11 +64,14 @@ def suite(suite_config, tmp_path_factory):
         running.stop()
 
 
-@pytest.fixture(scope="session")
-def demo_api_key(suite_config, cassandra) -> str:
-    """An API key of a tenant of the session's own."""
+@pytest.fixture
+def tenant(cassandra):
+    """A fresh tenant with the demo functions: (tenant_id, api_key)."""
+    from libs.cassandra.functions import FunctionStore
     from libs.cassandra.tenants import TenantStore
+    from services.gateway.admin import ensure_demo_functions
 
-    store = TenantStore(cassandra)
-    tenant, _ = store.create_tenant(unique("tenant"))
-    return store.issue_api_key(tenant.tenant_id)
+    tenants = TenantStore(cassandra)
+    created, _ = tenants.create_tenant(unique("tenant"))
+    ensure_demo_functions(FunctionStore(cassandra), created.tenant_id)
+    return created.tenant_id, tenants.issue_api_key(created.tenant_id)

@@ -34,32 +34,58 @@ class Suite:
     log_dir: Path
     services: dict[str, RunningService] = field(default_factory=dict)
 
-    def env(self, ports: dict[str, int]) -> dict[str, str]:
+    ports: dict[str, int] = field(default_factory=dict)
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """The environment of the suite's services: the session's keyspace and topics, short
+        leases and sweeps so recovery tests finish quickly, and each other's addresses."""
+        address = {name: f"127.0.0.1:{port}" for name, port in self.ports.items()}
         env = {**os.environ, "WEIR_KEYSPACE": self.config.keyspace,
                "WEIR_TOPIC_PREFIX": self.config.topic_prefix,
                "WEIR_TASK_PARTITIONS": str(self.config.task_partitions),
-               "WEIR_SHUTDOWN_GRACE_SECONDS": "2"}
-        env.update({f"WEIR_{name.upper()}_PORT": str(port) for name, port in ports.items()})
+               "WEIR_SHUTDOWN_GRACE_SECONDS": "2", "WEIR_LEASE_SECONDS": "3",
+               "WEIR_SWEEP_INTERVAL_SECONDS": "0.5", "WEIR_UNQUEUED_GRACE_SECONDS": "1",
+               "WEIR_ROUTER_ADDRESS": address["router"],
+               "WEIR_DISPATCHER_ADDRESSES": address["dispatcher"],
+               "WEIR_NOTIFIER_ADDRESS": address["notifier"]}
+        env.update({f"WEIR_{name.upper()}_PORT": str(port) for name, port in self.ports.items()})
+        env.update(overrides)
         return env
 
     def start(self) -> None:
-        ports = {name: free_port() for name in SERVICES}
-        env = self.env(ports)
+        self.ports = {name: free_port() for name in SERVICES}
         for name in SERVICES:
-            log_path = self.log_dir / f"{name}.log"
-            process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=ROOT,
-                                       env=env, stdout=log_path.open("ab"),
-                                       stderr=subprocess.STDOUT)
-            self.services[name] = RunningService(name, f"127.0.0.1:{ports[name]}", process,
-                                                 log_path)
-        for service in self.services.values():
-            deadline = time.monotonic() + 60
-            while not is_serving(service.address):
-                if service.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"{service.name} did not start:\n"
-                                       f"{service.log_path.read_text()[-3000:]}")
-                time.sleep(0.1)
+            self.launch(name)
+        for name in SERVICES:
+            self.wait_serving(name)
+
+    def launch(self, name: str, **env: str) -> None:
+        """Starts one service process (again) on its port."""
+        log_path = self.log_dir / f"{name}.log"
+        process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=ROOT,
+                                   env=self.env(**env), stdout=log_path.open("ab"),
+                                   stderr=subprocess.STDOUT)
+        self.services[name] = RunningService(name, f"127.0.0.1:{self.ports[name]}", process,
+                                             log_path)
+
+    def wait_serving(self, name: str, timeout: float = 60) -> None:
+        service = self.services[name]
+        deadline = time.monotonic() + timeout
+        while not is_serving(service.address):
+            if service.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{service.name} did not start:\n"
+                                   f"{service.log_path.read_text()[-3000:]}")
+            time.sleep(0.1)
+
+    def kill(self, name: str) -> None:
+        """kill -9: no shutdown hooks, no goodbyes."""
+        process = self.services[name].process
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+    def restart(self, name: str, **env: str) -> None:
+        self.launch(name, **env)
+        self.wait_serving(name)
 
     def stop(self) -> dict[str, int]:
         """SIGTERM every service; returns their exit codes."""
@@ -74,6 +100,11 @@ class Suite:
                 service.process.kill()
                 codes[service.name] = service.process.wait()
         return codes
+
+    def client(self, api_key: str):
+        from libs.sdk import Client
+
+        return Client(self.address("gateway"), api_key=api_key, timeout=30)
 
     def address(self, name: str) -> str:
         return self.services[name].address

@@ -75,23 +75,26 @@ def test_a_wrong_api_key_is_unauthenticated(suite, key):
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_an_authenticated_call_to_an_unbuilt_rpc_is_unimplemented_by_name(suite, demo_api_key):
+def test_an_authenticated_call_to_an_unbuilt_rpc_is_unimplemented_by_name(suite, tenant):
+    _, api_key = tenant
     with grpc.insecure_channel(suite.address("gateway")) as channel:
         stub = tasks_pb2_grpc.TaskServiceStub(channel)
         with pytest.raises(grpc.RpcError) as raised:
-            stub.CreateTask(tasks_pb2.CreateTaskRequest(
-                task=tasks_pb2.Task(function="echo", payload=b"hi")), timeout=5,
-                metadata=[("authorization", f"Bearer {demo_api_key}")])
+            stub.CancelTask(tasks_pb2.CancelTaskRequest(task_id="t1"), timeout=5,
+                            metadata=[("authorization", f"Bearer {api_key}")])
     assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "weir.v1.TaskService/CreateTask" in raised.value.details()
+    assert "weir.v1.TaskService/CancelTask" in raised.value.details()
 
 
-def test_internal_services_answer_unimplemented_until_built(suite):
+def test_internal_rpcs_validate_their_requests(suite):
     with (grpc.insecure_channel(suite.address("router")) as channel,
           pytest.raises(grpc.RpcError) as raised):
         router_pb2_grpc.RouterServiceStub(channel).GetRoute(router_pb2.GetRouteRequest(),
                                                            timeout=5)
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad = error_details_pb2.BadRequest()
+    rpc_status.from_call(raised.value).details[0].Unpack(bad)
+    assert {v.field for v in bad.field_violations} == {"tenant_id", "function"}
 
 
 def test_an_invalid_setting_stops_the_service_at_start_naming_the_variable(suite_config):
@@ -105,7 +108,7 @@ def test_an_invalid_setting_stops_the_service_at_start_naming_the_variable(suite
 def test_sigterm_stops_a_service_gracefully_and_promptly(suite_config):
     port = free_port()
     env = {"WEIR_ROUTER_PORT": str(port), "WEIR_SHUTDOWN_GRACE_SECONDS": "1",
-           "PATH": "/usr/bin:/bin"}
+           "WEIR_KEYSPACE": suite_config.keyspace, "PATH": "/usr/bin:/bin"}
     process = subprocess.Popen([sys.executable, "-m", "services.router"], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
