@@ -9,8 +9,9 @@
 #   engines.sh reset  [kafka|cassandra|all]  stop and delete the data
 #
 # Data and logs: .var/<engine>/{data,logs}; pids: .var/run/<engine>.pid (all git-ignored).
-# Environment: JAVA_HOME (a Java 17), WEIR_KAFKA_PORT (9092), WEIR_CASSANDRA_PORT (9042),
-# WEIR_KAFKA_HEAP (1g), WEIR_CASSANDRA_HEAP (1g).
+# Environment: JAVA_HOME (a Java 17), WEIR_KAFKA_PORT (9092), WEIR_KAFKA_CONTROLLER_PORT (9093),
+# WEIR_CASSANDRA_PORT (9042), WEIR_CASSANDRA_STORAGE_PORT (7000), WEIR_KAFKA_HEAP (1g),
+# WEIR_CASSANDRA_HEAP (1g).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/deploy/local"
@@ -21,40 +22,57 @@ PY="$ROOT/.venv/bin/python"
 KAFKA_PORT=${WEIR_KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${WEIR_KAFKA_CONTROLLER_PORT:-9093}
 CASSANDRA_PORT=${WEIR_CASSANDRA_PORT:-9042}
+CASSANDRA_STORAGE_PORT=${WEIR_CASSANDRA_STORAGE_PORT:-7000}
 KAFKA_TIMEOUT=90
 CASSANDRA_TIMEOUT=180
 T0=$(date +%s.%N)
 
 say() { printf '[engines %5.1fs] %s\n' "$(awk -v a="$(date +%s.%N)" -v b="$T0" 'BEGIN { print a - b }')" "$*"; }
 die() { echo "engines: $*" >&2; exit 1; }
+since() { awk -v a="$(date +%s.%N)" -v b="$1" 'BEGIN { printf "%.1f", a - b }'; }
 
+is_java17() { [[ -x "$1" ]] && "$1" -version 2>&1 | head -1 | grep -qE '"17[."]'; }
 find_java() {
-  local candidates=()
-  [[ -n "${JAVA_HOME:-}" ]] && candidates+=("$JAVA_HOME/bin/java")
-  candidates+=(/usr/lib/jvm/java-17-openjdk-amd64/bin/java /usr/lib/jvm/java-17-openjdk-arm64/bin/java)
-  command -v java >/dev/null && candidates+=("$(command -v java)")
-  for j in "${candidates[@]}"; do
-    [[ -x "$j" ]] || continue
-    if "$j" -version 2>&1 | head -1 | grep -qE '"17[."]'; then echo "$j"; return; fi
+  if [[ -n "${JAVA_HOME:-}" ]]; then
+    is_java17 "$JAVA_HOME/bin/java" && { echo "$JAVA_HOME/bin/java"; return; }
+    echo "engines: JAVA_HOME=$JAVA_HOME is not a Java 17; looking for one elsewhere" >&2
+  fi
+  local j
+  for j in /usr/lib/jvm/java-17-openjdk-amd64/bin/java /usr/lib/jvm/java-17-openjdk-arm64/bin/java \
+           /usr/lib/jvm/temurin-17-jdk-*/bin/java "$(command -v java || true)"; do
+    is_java17 "$j" && { echo "$j"; return; }
   done
-  die "Java 17 is required (Cassandra 5.0 runs on 11 or 17, Kafka 4 on 17+). Install it
-  (Debian: apt-get install openjdk-17-jdk-headless) or point JAVA_HOME at one."
+  die "Java 17 is required (Cassandra 5.0 runs on 11 or 17 only, Kafka 4 needs 17+) and none was
+  found. Install it (Debian: apt-get install openjdk-17-jdk-headless) or point JAVA_HOME at one."
 }
+
+# One start/stop/reset at a time: two concurrent starts would launch two JVMs on one data
+# directory, and a second Cassandra on a live data dir corrupts the first one's flushes.
+# The engines are launched with fd 9 closed (9>&-), or they would hold the lock forever.
+# They also get a session of their own (setsid): a Ctrl-C or a kill of the caller's process
+# group (make, pytest) must not take the engines down with it.
+lock() { mkdir -p "$RUN"; exec 9>"$RUN/engines.lock"; flock 9; }
 
 fetch_one() {
   local engine=$1 pom="$HERE/$1/pom.xml" dir="$CACHE/$1"
   local sum; sum=$(sha256sum "$pom" | cut -d' ' -f1)
   if [[ -f "$dir/stamp" && "$(cat "$dir/stamp")" == "$sum" ]]; then return; fi
   command -v mvn >/dev/null || die "Maven is required to fetch $engine (Debian: apt-get install maven)"
+  local t; t=$(date +%s.%N)
   say "fetching $engine jars from Maven Central"
-  rm -rf "$dir/lib"; mkdir -p "$dir"
-  mvn -B -q -Dstyle.color=never -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
-      -DoutputDirectory="$dir/lib" || die "fetching $engine failed (see Maven's output above)"
+  rm -rf "$dir/lib.new"; mkdir -p "$dir"
+  # Maven's output goes to a file (even -q -Dstyle.color=never leaves ANSI resets behind);
+  # it is shown when the fetch fails.
+  if ! mvn -B -q -Dstyle.color=never -f "$pom" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$dir/lib.new" >"$dir/fetch.log" 2>&1; then
+    tail -n 40 "$dir/fetch.log" >&2; die "fetching $engine failed (Maven's output: ${dir#"$ROOT"/}/fetch.log)"
+  fi
+  rm -rf "$dir/lib"; mv "$dir/lib.new" "$dir/lib"  # a failed fetch leaves the old lib/ intact
   echo "$sum" >"$dir/stamp"
-  say "$engine: $(ls "$dir/lib" | wc -l) jars in ${dir#"$ROOT"/}/lib"
+  say "$engine: $(ls "$dir/lib" | wc -l) jars in ${dir#"$ROOT"/}/lib ($(since "$t")s)"
 }
 
-fetch() { fetch_one kafka; fetch_one cassandra; }
+fetch() { find_java >/dev/null; fetch_one kafka; fetch_one cassandra; }
 
 pid_of() { [[ -f "$RUN/$1.pid" ]] && cat "$RUN/$1.pid" || true; }
 main_class() { [[ $1 == kafka ]] && echo kafka.Kafka || echo CassandraDaemon; }
@@ -79,15 +97,16 @@ launch_kafka() {
   local logopts=(-Dlog4j2.configurationFile="$HERE/kafka/log4j2.properties" -Dkafka.logs.dir="$dir/logs")
   if [[ ! -f "$dir/data/meta.properties" ]]; then
     # The cluster id is kept beside the data, so a restart reuses the formatted directory.
+    say "kafka: formatting storage in ${dir#"$ROOT"/}/data"
     [[ -f "$dir/cluster-id" ]] || "$PY" -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))' >"$dir/cluster-id"
     "$java" -Xmx256m "${logopts[@]}" -cp "$lib/*" kafka.tools.StorageTool format \
         -t "$(cat "$dir/cluster-id")" -c "$dir/server.properties" --ignore-formatted \
         >>"$dir/logs/format.log" 2>&1 || { tail -20 "$dir/logs/format.log" >&2; die "formatting Kafka storage failed"; }
   fi
-  nohup "$java" -Xms256m -Xmx"${WEIR_KAFKA_HEAP:-1g}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+  setsid nohup "$java" -Xms256m -Xmx"${WEIR_KAFKA_HEAP:-1g}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
       -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
       -Djava.awt.headless=true -Djava.net.preferIPv4Stack=true "${logopts[@]}" \
-      -cp "$lib/*" kafka.Kafka "$dir/server.properties" >>"$dir/logs/stdout.log" 2>&1 &
+      -cp "$lib/*" kafka.Kafka "$dir/server.properties" >>"$dir/logs/stdout.log" 2>&1 9>&- &
   echo $! >"$RUN/kafka.pid"
 }
 
@@ -131,6 +150,7 @@ launch_cassandra() {
     -javaagent:"$(ls "$lib"/jamm-*.jar | head -1)"
     -Dcassandra.config=file://"$HERE/cassandra/cassandra.yaml"
     -Dcassandra.native_transport_port="$CASSANDRA_PORT"
+    -Dcassandra.storage_port="$CASSANDRA_STORAGE_PORT"
     -Dcassandra.storagedir="$dir/data"
     -Dcassandra.triggers_dir="$dir/triggers"
     -Dcassandra.logdir="$dir/logs"
@@ -140,8 +160,8 @@ launch_cassandra() {
     -Dcassandra.unsafesystem=true
     -Djna.tmpdir="$dir/tmp" -Djava.io.tmpdir="$dir/tmp"
   )
-  nohup "$java" "${opts[@]}" -cp "$lib/*" org.apache.cassandra.service.CassandraDaemon \
-      >>"$dir/logs/stdout.log" 2>&1 &
+  setsid nohup "$java" "${opts[@]}" -cp "$lib/*" org.apache.cassandra.service.CassandraDaemon \
+      >>"$dir/logs/stdout.log" 2>&1 9>&- &
   echo $! >"$RUN/cassandra.pid"
 }
 
@@ -167,7 +187,7 @@ start() {
   [[ -x "$PY" ]] || die "the Python venv is missing: run 'make venv' first"
   local java; java=$(find_java)
   fetch
-  mkdir -p "$RUN"
+  lock
   local to_wait=()
   for engine in $(engines_of "${1:-all}"); do
     if running "$engine"; then
@@ -190,13 +210,18 @@ start() {
 }
 
 stop() {
+  lock
   for engine in $(engines_of "${1:-all}"); do
     if running "$engine"; then
-      local pid; pid=$(pid_of "$engine")
-      kill -TERM "$pid"
+      local pid t; pid=$(pid_of "$engine"); t=$(date +%s.%N)
+      say "$engine: stopping (SIGTERM to pid $pid)"
+      kill -TERM "$pid" 2>/dev/null || true
       for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; say "$engine: killed after 30s"
-      else say "$engine: stopped"; fi
+      if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null || true; say "$engine: still alive after 30 s, killed (SIGKILL)"
+      else say "$engine: stopped in $(since "$t")s"; fi
+    else
+      say "$engine: not running"
     fi
     rm -f "$RUN/$engine.pid"
   done

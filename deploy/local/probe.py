@@ -5,10 +5,18 @@
 """
 
 import logging
+import socket
 import sys
 
 
+def port_open(host: str, port: int) -> None:
+    """Fail fast while nothing listens yet (kafka-python would retry until its timeout)."""
+    socket.create_connection((host, port), timeout=1).close()
+
+
 def kafka(address: str) -> None:
+    host, _, port = address.rpartition(":")
+    port_open(host, int(port))
     from kafka import KafkaAdminClient
 
     admin = KafkaAdminClient(bootstrap_servers=address, request_timeout_ms=3000,
@@ -20,6 +28,7 @@ def kafka(address: str) -> None:
 
 
 def cassandra(host: str, port: str) -> None:
+    port_open(host, int(port))
     from cassandra.cluster import Cluster
 
     cluster = Cluster([host], port=int(port), connect_timeout=3, protocol_version=5)
