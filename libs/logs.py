@@ -42,3 +42,6 @@ def setup(service: str, level: str = "INFO") -> None:
     # The drivers are chatty at INFO about every connection; their warnings still show.
     for noisy in ("kafka", "cassandra"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # kafka-python warns whenever its IO loop waits >100 ms for the GIL: on a busy 2-core
+    # machine that is constant noise, not news.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)

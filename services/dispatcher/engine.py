@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
+from google.rpc import code_pb2, status_pb2
 from weir.internal.executor_manager.v1 import executor_manager_pb2, executor_manager_pb2_grpc
 from weir.storage.v1 import records_pb2
-from weir.v1 import tasks_pb2
+from weir.v1 import common_pb2, tasks_pb2
 
 from libs.cassandra.tasks import BUCKETS, TaskStore, now_utc, timestamp_of
 from libs.kafka.client import Consumer, Message, Producer
@@ -82,6 +83,13 @@ class ExecutorDirectory:
                 if e.free > 0 and not e.draining and now - e.seen <= self._stale_after
                 and e.executor_id not in exclude]
 
+    def release(self, executor_id: str) -> None:
+        """Gives back a slot `choose` reserved but did not use."""
+        with self._lock:
+            executor = self._executors.get(executor_id)
+            if executor and executor.in_flight > 0:
+                executor.in_flight -= 1
+
     def full(self, executor_id: str) -> None:
         """An executor refused work: treat it as full until it reports again."""
         with self._lock:
@@ -140,26 +148,29 @@ class Dispatcher:
             self._slots.release()
 
     def handle(self, message: Message) -> None:
+        """Waits for an executor with a free slot, then leases the task and pushes it.
+
+        The lease is taken only once a slot is in sight, so a backlog waiting for capacity
+        holds no leases (which would expire and be swept while the tasks still wait).
+        """
         task = records_pb2.TaskMessage.FromString(message.value)
-        lease_id = uuid.uuid4()
-        expire = now_utc() + self._lease
-        if not self._tasks.lease(task.tenant_id, task.task_id, lease_id=lease_id,
-                                 expire_time=expire, attempt_number=task.attempt_number):
-            message.ack()  # already leased, finished or gone: this copy is a duplicate
-            return
-        request = executor_manager_pb2.DispatchRequest(
-            task=task, lease_id=str(lease_id), lease_expire_time=timestamp_of(expire),
-            dispatcher_id=self._id)
+        lease_id, request = None, None
         refused: set[str] = set()
         while not self._stopping.is_set():
-            if now_utc() > expire - self._lease / 3:
-                # Held too long without an executor: the lease sweeper re-queues the task.
-                message.ack()
-                return
             executor = self._directory.choose(exclude=refused, wait_seconds=0.5)
             if executor is None:
                 refused.clear()  # none free: after the next reports, every executor again
                 continue
+            if lease_id is None:
+                lease_id, expire = uuid.uuid4(), now_utc() + self._lease
+                if not self._tasks.lease(task.tenant_id, task.task_id, lease_id=lease_id,
+                                         expire_time=expire, attempt_number=task.attempt_number):
+                    self._directory.release(executor.executor_id)
+                    message.ack()  # already leased, finished or gone: this copy is a duplicate
+                    return
+                request = executor_manager_pb2.DispatchRequest(
+                    task=task, lease_id=str(lease_id), lease_expire_time=timestamp_of(expire),
+                    dispatcher_id=self._id)
             try:
                 self._stub_for(executor.address).Dispatch(request, timeout=5)
                 message.ack()
@@ -172,6 +183,8 @@ class Dispatcher:
                                         grpc.StatusCode.DEADLINE_EXCEEDED):
                     log.warning("executor refused a task", extra={
                         "executor": executor.executor_id, "code": error.code().name})
+        # Stopping: a leased task is re-queued by the lease sweeper, an unleased one is
+        # delivered again to whoever owns the partition next.
         message.nack()
 
 
@@ -194,6 +207,9 @@ class LeaseSweeper:
                 record.task.attempts.append(tasks_pb2.Attempt(
                     attempt_number=record.task.attempt_count + 1,
                     exit_reason=tasks_pb2.ExitReason.EXIT_REASON_LEASE_LOST,
+                    error_class=common_pb2.ErrorClass.ERROR_CLASS_RETRYABLE,
+                    status=status_pb2.Status(code=code_pb2.UNAVAILABLE, message=(
+                        "lease expired: the executor stopped renewing it")),
                     end_time=timestamp_of(now)))
                 record.task.attempt_count += 1
                 if not self._tasks.requeue(record, lease_id=lease_id,

@@ -85,6 +85,11 @@ class Executor:
         Raises:
             ResourceExhausted: no idle worker, or draining; the dispatcher tries elsewhere.
         """
+        key = (request.task.tenant_id, request.task.task_id)
+        with self._lock:
+            current = self._running.get(key)
+        if current is not None and str(current.lease_id) == request.lease_id:
+            return  # a dispatcher retrying a call whose answer it missed: already running
         worker = None if self.draining else self._pool.acquire()
         if worker is None:
             raise ResourceExhausted("no idle worker on this executor",
@@ -103,12 +108,17 @@ class Executor:
         with self._lock:
             running = list(self._running.values())
         for attempt in running:
-            if not self._tasks.renew(attempt.tenant_id, attempt.task_id,
-                                     lease_id=attempt.lease_id,
-                                     expire_time=now_utc() + self._lease):
-                log.warning("lease lost; stopping the attempt", extra={
-                    "tenant": attempt.tenant_id, "task_id": attempt.task_id})
-                attempt.worker.kill()  # its Execute fails; the outcome write is then fenced
+            if self._tasks.renew(attempt.tenant_id, attempt.task_id, lease_id=attempt.lease_id,
+                                 expire_time=now_utc() + self._lease):
+                continue
+            with self._lock:
+                # Only if it still runs: a finished attempt's worker may already serve another.
+                if self._running.get((attempt.tenant_id, attempt.task_id)) is attempt:
+                    log.warning("lease lost; stopping the attempt", extra={
+                        "tenant": attempt.tenant_id, "task_id": attempt.task_id})
+                    # Its Execute fails and the worker is replaced; the outcome write is
+                    # fenced by the lease, so nothing of this attempt is recorded.
+                    attempt.worker.terminate()
 
     def drain(self, timeout_seconds: float) -> None:
         """Takes no new work and waits for running attempts to finish."""
@@ -124,19 +134,33 @@ class Executor:
             log.exception("attempt failed unexpectedly; its lease will expire and it will "
                           "run again", extra={"task_id": message.task_id})
         finally:
-            with self._lock:
-                self._running.pop((running.tenant_id, running.task_id), None)
+            self._done_with_worker(running, reusable=True)
+
+    def _done_with_worker(self, running: Running, *, reusable: bool) -> None:
+        """Ends the attempt's hold on its worker, once: forget it, then free or replace it."""
+        with self._lock:
+            if self._running.get((running.tenant_id, running.task_id)) is not running:
+                return
+            del self._running[(running.tenant_id, running.task_id)]
+        if reusable:
+            self._pool.release(running.worker)
+        else:
+            self._threads.submit(self._pool.replace, running.worker)
+        self._on_load_change()
 
     def _run(self, message: records_pb2.TaskMessage, running: Running) -> None:
         start = now_utc()
         if not self._tasks.mark_running(message.tenant_id, message.task_id,
                                         lease_id=running.lease_id,
                                         attempt_number=message.attempt_number, start_time=start):
-            self._release(running.worker)
             return  # the lease moved on before we started: someone else runs it
         function = self._functions.get(message.tenant_id, message.function)
         outcome = self._execute(message, function, running.worker)
         end = now_utc()
+        # The worker is free (or replaced) before the outcome is written: its next attempt
+        # need not wait for Cassandra.
+        self._done_with_worker(running, reusable=outcome.exit_reason not in (
+            Exit.EXIT_REASON_TIMED_OUT, Exit.EXIT_REASON_WORKER_CRASHED))
 
         stored = self._tasks.get(message.tenant_id, message.task_id)
         if stored is None:
@@ -172,7 +196,6 @@ class Executor:
     def _execute(self, message: records_pb2.TaskMessage,
                  function: functions_pb2.Function | None, worker: WorkerProcess) -> Outcome:
         if function is None:
-            self._release(worker)
             return Outcome(status=status_pb2.Status(
                 code=code_pb2.NOT_FOUND, message=f"function {message.function!r} was deleted"),
                 error_class=ErrorClass.ERROR_CLASS_NON_RETRYABLE,
@@ -188,8 +211,11 @@ class Executor:
         try:
             reply = worker.stub.Execute(request, timeout=timeout.total_seconds())
         except grpc.RpcError as error:
-            return self._failed_call(error, worker, timeout)
-        self._release(worker)
+            return self._failed_call(error, timeout)
+        except ValueError as error:  # its channel was closed under it: the worker was stopped
+            return Outcome(status=status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(error)),
+                           error_class=ErrorClass.ERROR_CLASS_RETRYABLE,
+                           exit_reason=Exit.EXIT_REASON_WORKER_CRASHED)
         if reply.HasField("error"):
             return Outcome(status=reply.error.status,
                            error_class=reply.error.error_class or ErrorClass.ERROR_CLASS_RETRYABLE,
@@ -198,17 +224,15 @@ class Executor:
                            if reply.error.HasField("retry_delay") else None)
         return Outcome(result=reply.result)
 
-    def _failed_call(self, error: grpc.RpcError, worker: WorkerProcess,
-                     timeout: timedelta) -> Outcome:
+    def _failed_call(self, error: grpc.RpcError, timeout: timedelta) -> Outcome:
         code = error.code()
         if code == grpc.StatusCode.NOT_FOUND:  # the handler cannot be imported
-            self._release(worker)
             return Outcome(status=status_pb2.Status(code=code_pb2.NOT_FOUND,
                                                     message=error.details()),
                            error_class=ErrorClass.ERROR_CLASS_NON_RETRYABLE,
                            exit_reason=Exit.EXIT_REASON_RAISED)
-        # A stuck or dead worker: only a fresh process is sure to be clean.
-        self._threads.submit(self._replace, worker)
+        # A stuck or dead worker: the caller replaces it; only a fresh process is sure to be
+        # clean.
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return Outcome(status=status_pb2.Status(
                 code=code_pb2.DEADLINE_EXCEEDED,
@@ -219,11 +243,3 @@ class Executor:
             code=code_pb2.UNAVAILABLE, message=f"the worker process died: {error.details()}"),
             error_class=ErrorClass.ERROR_CLASS_RETRYABLE,
             exit_reason=Exit.EXIT_REASON_WORKER_CRASHED)
-
-    def _release(self, worker: WorkerProcess) -> None:
-        self._pool.release(worker)
-        self._on_load_change()
-
-    def _replace(self, worker: WorkerProcess) -> None:
-        self._pool.replace(worker)
-        self._on_load_change()

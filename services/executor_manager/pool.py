@@ -25,12 +25,14 @@ class WorkerProcess:
 
     def __init__(self, *, index: int, socket_dir: Path) -> None:
         self.index = index
-        self.address = f"unix://{socket_dir / f'worker-{index}.sock'}"
+        self.socket = socket_dir / f"worker-{index}.sock"
+        self.address = f"unix://{self.socket}"
         self.process: subprocess.Popen | None = None
         self.channel: grpc.Channel | None = None
         self.stub: worker_pb2_grpc.WorkerServiceStub | None = None
 
     def start(self, *, timeout_seconds: float = 60.0) -> None:
+        self.socket.unlink(missing_ok=True)  # a killed predecessor leaves its socket behind
         # --parent-pid: the worker exits when this process is gone, even after a kill -9.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "libs.sdk.worker", "--address", self.address,
@@ -42,6 +44,12 @@ class WorkerProcess:
             time.sleep(0.05)
         self.channel = grpc.insecure_channel(self.address)
         self.stub = worker_pb2_grpc.WorkerServiceStub(self.channel)
+
+    def terminate(self) -> None:
+        """Stops the process at once (a lost attempt); the pool replaces the worker when its
+        call fails."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
 
     def kill(self) -> None:
         if self.channel is not None:
