@@ -65,13 +65,23 @@ def suite(suite_config, tmp_path_factory):
 
 
 @pytest.fixture
-def tenant(cassandra):
-    """A fresh tenant with the demo functions: (tenant_id, api_key)."""
+def tenant_factory(cassandra):
+    """Makes fresh tenants with the demo functions; each call returns (tenant_id, api_key)."""
     from libs.cassandra.functions import FunctionStore
     from libs.cassandra.tenants import TenantStore
     from services.gateway.admin import ensure_demo_functions
 
-    tenants = TenantStore(cassandra)
-    created, _ = tenants.create_tenant(unique("tenant"))
-    ensure_demo_functions(FunctionStore(cassandra), created.tenant_id)
-    return created.tenant_id, tenants.issue_api_key(created.tenant_id)
+    tenants, functions = TenantStore(cassandra), FunctionStore(cassandra)
+
+    def make() -> tuple[str, str]:
+        created, _ = tenants.create_tenant(unique("tenant"))
+        ensure_demo_functions(functions, created.tenant_id)
+        return created.tenant_id, tenants.issue_api_key(created.tenant_id)
+
+    return make
+
+
+@pytest.fixture
+def tenant(tenant_factory) -> tuple[str, str]:
+    """A fresh tenant with the demo functions: (tenant_id, api_key)."""
+    return tenant_factory()
