@@ -130,27 +130,35 @@ class TaskStore:
     # --- creation and queueing (gateway) -------------------------------------------------
 
     def create(self, records: Sequence[records_pb2.TaskRecord]) -> None:
-        """Stores new tasks, ACCEPTED and listed as unqueued, all at once; raises on failure.
+        """Stores new tasks, ACCEPTED and listed as unqueued; raises on failure.
 
-        Each task's rows go in one logged batch, so a task is either fully written or not at
-        all; the batches of different tasks run concurrently.
+        Per task, the small index rows go first in one logged batch, then the row with the
+        payload on its own (a logged batch is capped far below a 1 MiB payload). A crash in
+        between leaves index entries without a task, which readers skip and the sweeper
+        drops: the task was never acknowledged. Tasks are written concurrently.
         """
-        futures = []
+        indexed = []
         for record in records:
             task = record.task
             created = task.create_time.ToDatetime(tzinfo=UTC)
             batch = BatchStatement(batch_type=BatchType.LOGGED)
-            batch.add(self._insert_task, (
-                record.tenant_id, task.task_id, task.function, State.TASK_STATE_ACCEPTED,
-                created, created, record.SerializeToString(), micros(created)))
             batch.add(self._insert_by_day, (record.tenant_id, created.date(), created,
                                             task.task_id, task.function))
             batch.add(self._insert_unqueued, (bucket_of(record.tenant_id, task.task_id),
                                               record.tenant_id, task.task_id, created))
             batch.add(self._event_statement(record.tenant_id, task.task_id, tasks_pb2.TaskStage(
                 state=State.TASK_STATE_ACCEPTED, time=task.create_time, service=self._service)))
-            futures.append(self._session.execute_async(batch))
-        for future in futures:
+            indexed.append(self._session.execute_async(batch))
+        for future in indexed:
+            future.result()
+        rows = []
+        for record in records:
+            task = record.task
+            created = task.create_time.ToDatetime(tzinfo=UTC)
+            rows.append(self._session.execute_async(self._insert_task, (
+                record.tenant_id, task.task_id, task.function, State.TASK_STATE_ACCEPTED,
+                created, created, record.SerializeToString(), micros(created))))
+        for future in rows:
             future.result()
 
     def mark_queued(self, records: Sequence[records_pb2.TaskRecord], *,
@@ -185,6 +193,11 @@ class TaskStore:
         rows = self._session.execute(self._select_unqueued, (bucket,))
         return [TaskKey(r.tenant_id, r.task_id) for r in rows
                 if r.create_time.replace(tzinfo=UTC) < older_than]
+
+    def forget_unqueued(self, key: TaskKey) -> None:
+        """Drops an index entry whose task row was never written (a create that failed)."""
+        self._session.execute(self._delete_unqueued, (bucket_of(key.tenant_id, key.task_id),
+                                                      key.tenant_id, key.task_id))
 
     # --- reading ---------------------------------------------------------------------------
 

@@ -127,7 +127,11 @@ class Submitter:
         swept = 0
         for bucket in range(BUCKETS):
             keys = self._tasks.unqueued(bucket, older_than=older_than)
-            stored = [s for s in self._tasks.get_many(keys) if s is not None]
+            found = self._tasks.get_many(keys)
+            for key, item in zip(keys, found, strict=True):
+                if item is None:
+                    self._tasks.forget_unqueued(key)  # its create failed half-way: never acked
+            stored = [s for s in found if s is not None]
             if not stored:
                 continue
             records = [s.record for s in stored]
