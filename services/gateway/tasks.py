@@ -6,11 +6,12 @@ import base64
 import json
 from datetime import UTC, date, datetime, timedelta
 
+import grpc
 from weir.internal.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from weir.v1 import tasks_pb2, tasks_pb2_grpc
 
 from libs.cassandra.tasks import FINAL_STATES, TaskKey, TaskStore, now_utc
-from libs.errors import InvalidArgument, NotFound
+from libs.errors import InvalidArgument, NotFound, Unavailable
 from services.gateway import validation
 from services.gateway.auth import current_tenant
 from services.gateway.engine import Submitter, raise_for_single
@@ -18,6 +19,7 @@ from services.gateway.filters import TaskFilter
 
 View = tasks_pb2.TaskView
 LIST_DAYS = 31  # how far back ListTasks looks
+NO_DEADLINE = 1e9  # seconds; grpc reports 'no deadline' as a remaining time beyond this
 
 
 def shape(task: tasks_pb2.Task, view: int, stages=()) -> tasks_pb2.Task:
@@ -93,16 +95,24 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         tenant = current_tenant.get()
         if self._tasks.get(tenant, request.task_id) is None:
             raise NotFound(f"task {request.task_id!r} not found", reason="TASK_NOT_FOUND")
+        remaining = context.time_remaining()  # about 9.2e18 when the caller set no deadline
         events = self._notifier.WatchTask(
             notifier_pb2.WatchTaskRequest(tenant_id=tenant, task_id=request.task_id),
-            timeout=context.time_remaining())
-        context.add_callback(events.cancel)
+            timeout=remaining if remaining < NO_DEADLINE else None)
+        context.add_callback(events.cancel)  # the caller left: stop the upstream stream too
+        try:
+            yield from self._relay(events, tenant, request.task_id)
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise Unavailable(f"the watch was interrupted: {error.details()}") from error
+
+    def _relay(self, events, tenant: str, task_id: str):
         for reply in events:
             stage = reply.event.stage
-            stored = self._tasks.get(tenant, request.task_id) if stage.state in FINAL_STATES \
-                else None
-            task = stored.record.task if stored else tasks_pb2.Task(
-                task_id=request.task_id, state=stage.state)
+            stored = self._tasks.get(tenant, task_id) if stage.state in FINAL_STATES else None
+            task = stored.record.task if stored else tasks_pb2.Task(task_id=task_id,
+                                                                    state=stage.state)
             result = task.result
             task = shape(task, View.TASK_VIEW_BASIC)
             task.result = result
