@@ -81,8 +81,9 @@ test: venv proto tools ## Run every test against real Kafka and Cassandra (stops
 	$(MAKE) --no-print-directory lint
 	deploy/local/with-engines.sh $(PY) -m pytest $(PYTEST_ARGS)
 
-bench: venv proto ## Benchmarks (not tests): figures into bench-results/, see docs/benchmarks.md.
-	deploy/local/with-engines.sh $(PY) -m benchmarks.engines
+bench: run ## Benchmarks (not tests): figures into bench-results/, see docs/benchmarks.md.
+	$(PY) -m benchmarks.engines
+	$(PY) -m benchmarks.pipeline
 
 clean: ## Remove generated code and local state (stops everything first).
 	-$(MAKE) --no-print-directory stop
