@@ -106,7 +106,8 @@ class TaskStore:
             "INSERT INTO leases (bucket, tenant_id, task_id, lease_id, expire_time) "
             "VALUES (?, ?, ?, ?, ?)")
         self._delete_lease = p(
-            "DELETE FROM leases WHERE bucket = ? AND tenant_id = ? AND task_id = ?")
+            "DELETE FROM leases WHERE bucket = ? AND tenant_id = ? AND task_id = ? "
+            "AND lease_id = ?")
         self._mark_running = p(
             "UPDATE tasks SET state = ?, update_time = ? WHERE tenant_id = ? AND task_id = ? "
             "IF lease_id = ?")
@@ -226,18 +227,25 @@ class TaskStore:
 
     def lease(self, tenant_id: str, task_id: str, *, lease_id: uuid.UUID,
               expire_time: datetime, attempt_number: int) -> bool:
-        """Takes a queued task for one attempt; False when it is not leasable (any more)."""
+        """Takes a queued task for one attempt; False when it is not leasable (any more).
+
+        The sweeper's index entry is written first: a crash right after the lease is taken
+        must not leave a leased task that no sweeper can find.
+        """
+        bucket = bucket_of(tenant_id, task_id)
+        self._session.execute(self._insert_lease, (bucket, tenant_id, task_id, lease_id,
+                                                   expire_time))
         now = now_utc()
         applied = self._session.execute(self._lease, (
             State.TASK_STATE_DISPATCHED, lease_id, expire_time, now, tenant_id, task_id,
             list(LEASABLE_STATES))).was_applied
-        if applied:
-            self._session.execute(self._insert_lease, (
-                bucket_of(tenant_id, task_id), tenant_id, task_id, lease_id, expire_time))
-            self.append_stage(tenant_id, task_id, tasks_pb2.TaskStage(
-                state=State.TASK_STATE_DISPATCHED, time=timestamp_of(now),
-                service=self._service, attempt_number=attempt_number))
-        return applied
+        if not applied:
+            self._session.execute(self._delete_lease, (bucket, tenant_id, task_id, lease_id))
+            return False
+        self.append_stage(tenant_id, task_id, tasks_pb2.TaskStage(
+            state=State.TASK_STATE_DISPATCHED, time=timestamp_of(now), service=self._service,
+            attempt_number=attempt_number))
+        return True
 
     def mark_running(self, tenant_id: str, task_id: str, *, lease_id: uuid.UUID,
                      attempt_number: int, start_time: datetime) -> bool:
@@ -273,7 +281,7 @@ class TaskStore:
             state, record.SerializeToString(), now, tenant_id, task_id, lease_id)).was_applied
         if applied:
             self._session.execute(self._delete_lease, (bucket_of(tenant_id, task_id), tenant_id,
-                                                       task_id))
+                                                       task_id, lease_id))
             self.append_stage(tenant_id, task_id, tasks_pb2.TaskStage(
                 state=state, time=timestamp_of(now), service=self._service,
                 attempt_number=record.task.attempt_count, detail=detail))
@@ -293,7 +301,7 @@ class TaskStore:
             State.TASK_STATE_QUEUED, record.SerializeToString(), now, tenant_id, task_id,
             lease_id)).was_applied
         self._session.execute(self._delete_lease, (bucket_of(tenant_id, task_id), tenant_id,
-                                                   task_id))
+                                                   task_id, lease_id))
         if applied:
             self._session.execute(self._insert_unqueued, (bucket_of(tenant_id, task_id),
                                                           tenant_id, task_id, now))
@@ -301,6 +309,11 @@ class TaskStore:
                 state=State.TASK_STATE_QUEUED, time=timestamp_of(now), service=self._service,
                 attempt_number=record.task.attempt_count, detail=detail))
         return applied
+
+    def forget_lease(self, key: TaskKey, lease_id: uuid.UUID) -> None:
+        """Drops an index entry of a lease the task does not hold (taken over or never won)."""
+        self._session.execute(self._delete_lease, (bucket_of(key.tenant_id, key.task_id),
+                                                   key.tenant_id, key.task_id, lease_id))
 
     def expired_leases(self, bucket: int, *, now: datetime) -> list[tuple[TaskKey, uuid.UUID]]:
         rows = self._session.execute(self._select_leases, (bucket,))

@@ -202,6 +202,7 @@ class LeaseSweeper:
             for key, lease_id in self._tasks.expired_leases(bucket, now=now):
                 stored = self._tasks.get(key.tenant_id, key.task_id)
                 if stored is None or stored.lease_id != lease_id:
+                    self._tasks.forget_lease(key, lease_id)  # a lease the task does not hold
                     continue
                 record = stored.record
                 record.task.attempts.append(tasks_pb2.Attempt(
