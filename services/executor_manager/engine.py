@@ -37,6 +37,7 @@ class Running:
     task_id: str
     lease_id: uuid.UUID
     worker: WorkerProcess
+    function: str
 
 
 @dataclass
@@ -90,6 +91,13 @@ class Executor:
             current = self._running.get(key)
         if current is not None and str(current.lease_id) == request.lease_id:
             return  # a dispatcher retrying a call whose answer it missed: already running
+        function = self._functions.get(request.task.tenant_id, request.task.function)
+        limit = function.rate_limits.max_concurrent_dispatches if function else 0
+        if limit and self._running_of(request.task.tenant_id, request.task.function) >= limit:
+            raise ResourceExhausted(
+                f"function {request.task.function!r} is at its concurrency limit ({limit}) on "
+                "this executor", retry_after=timedelta(milliseconds=100),
+                reason="FUNCTION_CONCURRENCY_LIMIT", metadata={"executor_id": self.executor_id})
         worker = None if self.draining else self._pool.acquire()
         if worker is None:
             raise ResourceExhausted("no idle worker on this executor",
@@ -98,10 +106,15 @@ class Executor:
                                     metadata={"executor_id": self.executor_id})
         self._on_load_change()
         running = Running(request.task.tenant_id, request.task.task_id,
-                          uuid.UUID(request.lease_id), worker)
+                          uuid.UUID(request.lease_id), worker, request.task.function)
         with self._lock:
             self._running[(running.tenant_id, running.task_id)] = running
         self._threads.submit(self._attempt, request.task, running)
+
+    def _running_of(self, tenant_id: str, function: str) -> int:
+        with self._lock:
+            return sum(r.tenant_id == tenant_id and r.function == function
+                       for r in self._running.values())
 
     def renew_leases(self) -> None:
         """Extends the lease of every running attempt; stops attempts whose lease was lost."""

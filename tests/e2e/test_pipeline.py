@@ -6,7 +6,7 @@ import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from weir.v1 import tasks_pb2
+from weir.v1 import common_pb2, tasks_pb2
 
 from libs import errors
 from libs.cassandra.tasks import TaskKey, TaskStore
@@ -138,3 +138,17 @@ def test_a_repeated_task_id_is_already_exists_with_the_existing_id(suite, tenant
         assert raised.value.metadata == {"task_id": "order-17"}
         assert client.wait(first.task_id, timeout=60).result == b"once"
 
+
+
+def test_a_functions_concurrency_limit_keeps_its_attempts_apart(suite, tenant):
+    _, api_key = tenant
+    with suite.client(api_key) as client:
+        client.create_function("one-at-a-time", "examples.demo:sleep", rate_limits=
+                               common_pb2.RateLimits(max_concurrent_dispatches=1))
+        ids = [client.create_task("one-at-a-time", b"300").task_id for _ in range(4)]
+        done = [client.wait(i, timeout=60) for i in ids]
+    assert all(t.state == State.TASK_STATE_SUCCEEDED for t in done)
+    spans = sorted((a.start_time.ToNanoseconds(), a.end_time.ToNanoseconds())
+                   for t in done for a in t.attempts)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:],
+                                                                       strict=False))
