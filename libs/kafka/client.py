@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -117,11 +118,30 @@ class Consumer:
             bootstrap_servers=bootstrap.split(","), group_id=group_id, client_id=client_id,
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_records=max_poll_records, session_timeout_ms=session_timeout_ms,
-            heartbeat_interval_ms=max(session_timeout_ms // 4, 250))
+            heartbeat_interval_ms=max(session_timeout_ms // 4, 250),
+            metadata_max_age_ms=10_000)
+        self._await_partitions(topics, timeout_seconds=60)
         self._consumer.subscribe(list(topics), listener=_Rebalance(self))
         self._trackers: dict[TopicPartition, PartitionAckTracker] = {}
         self._rewinds: set[TopicPartition] = set()
         self._lock = threading.Lock()
+
+    def _await_partitions(self, topics: Sequence[str], *, timeout_seconds: float) -> None:
+        """Waits until the broker reports partitions for every topic.
+
+        A member that joins its group while a just-created topic has no metadata yet is
+        assigned nothing, and kafka-python does not rejoin when the partitions appear (not
+        until the metadata's max age): a fresh `make run` would consume nothing.
+        """
+        deadline = time.monotonic() + timeout_seconds
+        missing = list(topics)
+        while missing:
+            missing = [t for t in missing if not self._consumer.partitions_for_topic(t)]
+            if missing and time.monotonic() > deadline:
+                raise RuntimeError(f"no partitions for topics {missing} after "
+                                   f"{timeout_seconds:.0f}s: were they created?")
+            if missing:
+                time.sleep(0.2)
 
     def poll(self, timeout_seconds: float = 1.0) -> list[Message]:
         """Fetches the next messages of the owned partitions, in offset order per partition."""
