@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -203,3 +203,45 @@ class Consumer:
     def _forget(self, partitions) -> None:
         for tp in partitions:
             self._trackers.pop(tp, None)
+
+
+class ConsumerLoop:
+    """Polls a consumer on its own thread, hands each message to ``on_message`` and commits
+    what is safe after every poll; `stop` lets the current poll finish, then leaves the group.
+
+    ``on_message`` owns the message from then on: it acks or nacks it, now or later (from
+    another thread); if it raises, the message is nacked and delivered again.
+    """
+
+    def __init__(self, consumer: Consumer, on_message: Callable[[Message], None], *,
+                 name: str) -> None:
+        self._consumer = consumer
+        self._on_message = on_message
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> ConsumerLoop:
+        self._thread.start()
+        return self
+
+    def stop(self, before_close: Callable[[], None] = lambda: None) -> None:
+        """Stops polling; ``before_close`` runs before the final commit (e.g. to let work
+        in flight ack its messages)."""
+        self._stopping.set()
+        self._thread.join(30)
+        before_close()
+        self._consumer.close()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            for message in self._consumer.poll(0.2):
+                try:
+                    self._on_message(message)
+                except Exception:
+                    log.exception("message handling failed; it will be delivered again")
+                    message.nack()
+            self._consumer.commit()

@@ -19,7 +19,7 @@ from weir.storage.v1 import records_pb2
 from weir.v1 import common_pb2, tasks_pb2
 
 from libs.cassandra.tasks import BUCKETS, TaskStore, now_utc, timestamp_of
-from libs.kafka.client import Consumer, Message, Producer
+from libs.kafka.client import Consumer, ConsumerLoop, Message, Producer
 from libs.taskqueue import task_record_to_kafka
 
 log = logging.getLogger(__name__)
@@ -112,31 +112,23 @@ class Dispatcher:
                  ) -> None:
         self._id = dispatcher_id
         self._tasks = tasks
-        self._consumer = consumer
         self._directory = directory
         self._lease = lease
         self._stub_for = stub_for
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dispatch")
-        self._slots = threading.Semaphore(concurrency * 4)
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
+        self._slots = threading.Semaphore(concurrency * 4)  # messages in hand at most
+        self._loop = ConsumerLoop(consumer, self._submit, name="dispatcher")
 
     def start(self) -> Dispatcher:
-        self._thread.start()
+        self._loop.start()
         return self
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(30)
-        self._pool.shutdown(wait=True)
-        self._consumer.close()
+        self._loop.stop(before_close=lambda: self._pool.shutdown(wait=True))
 
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            for message in self._consumer.poll(0.2):
-                self._slots.acquire()
-                self._pool.submit(self._handle_and_release, message)
-            self._consumer.commit()
+    def _submit(self, message: Message) -> None:
+        self._slots.acquire()
+        self._pool.submit(self._handle_and_release, message)
 
     def _handle_and_release(self, message: Message) -> None:
         try:
@@ -156,7 +148,7 @@ class Dispatcher:
         task = records_pb2.TaskMessage.FromString(message.value)
         lease_id, request = None, None
         refused: set[str] = set()
-        while not self._stopping.is_set():
+        while not self._loop.stopping:
             executor = self._directory.choose(exclude=refused, wait_seconds=0.5)
             if executor is None:
                 refused.clear()  # none free: after the next reports, every executor again

@@ -26,7 +26,7 @@ from weir.v1 import tasks_pb2
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.tasks import FINAL_STATES, TaskStore, now_utc
 from libs.cassandra.tenants import TenantStore
-from libs.kafka.client import Consumer, Message
+from libs.kafka.client import Consumer, ConsumerLoop, Message
 
 log = logging.getLogger(__name__)
 
@@ -219,33 +219,19 @@ class Notifier:
 
     def __init__(self, *, consumer: Consumer, tasks: TaskStore, tenants: TenantStore,
                  functions: FunctionStore, sender: WebhookSender, watchers: Watchers) -> None:
-        self._consumer = consumer
         self._tasks = tasks
         self._tenants = tenants
         self._functions = functions
         self._sender = sender
         self._watchers = watchers
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="notifier", daemon=True)
+        self._loop = ConsumerLoop(consumer, self.handle, name="notifier")
 
     def start(self) -> Notifier:
-        self._thread.start()
+        self._loop.start()
         return self
 
     def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(30)
-        self._consumer.close()
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            for message in self._consumer.poll(0.2):
-                try:
-                    self.handle(message)
-                except Exception:
-                    log.exception("outcome handling failed; it will be delivered again")
-                    message.nack()
-            self._consumer.commit()
+        self._loop.stop()
 
     def handle(self, message: Message) -> None:
         outcome = records_pb2.AttemptOutcome.FromString(message.value)
