@@ -100,6 +100,12 @@ class WeirConfig:
         check=_positive, rule="> 0")
     webhook_timeout_seconds: float = setting(5.0, "Timeout of one webhook POST.",
                                              check=_positive, rule="> 0")
+    batch_items_per_second: float = setting(
+        500.0, "Rate at which a batch cancel or delete works through its tasks, so one "
+        "tenant's bulk change does not crowd out the others.", check=_positive, rule="> 0")
+    operation_silent_seconds: float = setting(
+        10.0, "How long a long-running operation's owner may be silent before another "
+        "gateway takes the operation over.", check=_positive, rule="> 0")
 
     fault: str = setting(
         "", "Test-only fault injection point, e.g. gateway.crash_after_store; empty in "

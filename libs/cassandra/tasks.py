@@ -54,6 +54,8 @@ class StoredTask:
     record: records_pb2.TaskRecord
     lease_id: uuid.UUID | None
     lease_expire_time: datetime | None
+    update_time: datetime | None = None  # the column, as stored: compare-and-set compares it
+    executor_address: str | None = None  # where the current attempt runs
 
     @property
     def state(self) -> int:
@@ -95,13 +97,13 @@ class TaskStore:
         self._delete_unqueued = p(
             "DELETE FROM unqueued_tasks WHERE bucket = ? AND tenant_id = ? AND task_id = ?")
         self._select_task = p(
-            "SELECT state, record, lease_id, lease_expire_time FROM tasks "
-            "WHERE tenant_id = ? AND task_id = ?")
+            "SELECT state, record, lease_id, lease_expire_time, update_time, executor_address "
+            "FROM tasks WHERE tenant_id = ? AND task_id = ?")
         self._select_events = p(
             "SELECT event FROM task_events WHERE tenant_id = ? AND task_id = ?")
         self._lease = p(
-            "UPDATE tasks SET state = ?, lease_id = ?, lease_expire_time = ?, update_time = ? "
-            "WHERE tenant_id = ? AND task_id = ? IF state IN ?")
+            "UPDATE tasks SET state = ?, lease_id = ?, lease_expire_time = ?, update_time = ?, "
+            "executor_address = ? WHERE tenant_id = ? AND task_id = ? IF state IN ?")
         self._insert_lease = p(
             "INSERT INTO leases (bucket, tenant_id, task_id, lease_id, expire_time) "
             "VALUES (?, ?, ?, ?, ?)")
@@ -116,10 +118,17 @@ class TaskStore:
             "IF lease_id = ?")
         self._finish = p(
             "UPDATE tasks SET state = ?, record = ?, lease_id = null, lease_expire_time = null, "
-            "update_time = ? WHERE tenant_id = ? AND task_id = ? IF lease_id = ?")
-        self._requeue = p(
+            "executor_address = null, update_time = ? WHERE tenant_id = ? AND task_id = ? "
+            "IF lease_id = ?")
+        self._transition = p(
             "UPDATE tasks SET state = ?, record = ?, lease_id = null, lease_expire_time = null, "
-            "update_time = ? WHERE tenant_id = ? AND task_id = ? IF lease_id = ?")
+            "executor_address = null, update_time = ? WHERE tenant_id = ? AND task_id = ? "
+            "IF state = ? AND update_time = ?")
+        self._delete_task = p("DELETE FROM tasks WHERE tenant_id = ? AND task_id = ?")
+        self._delete_events = p("DELETE FROM task_events WHERE tenant_id = ? AND task_id = ?")
+        self._delete_by_day = p(
+            "DELETE FROM tasks_by_day WHERE tenant_id = ? AND day = ? AND create_time = ? "
+            "AND task_id = ?")
         self._select_leases = p(
             "SELECT tenant_id, task_id, lease_id, expire_time FROM leases WHERE bucket = ?")
         self._select_unqueued = p(
@@ -131,7 +140,8 @@ class TaskStore:
     # --- creation and queueing (gateway) -------------------------------------------------
 
     def create(self, records: Sequence[records_pb2.TaskRecord]) -> None:
-        """Stores new tasks, ACCEPTED and listed as unqueued; raises on failure.
+        """Stores new tasks in their state: ACCEPTED (listed as unqueued until `mark_queued`)
+        or SCHEDULED (its timer already written by the caller); raises on failure.
 
         Per task, the small index rows go first in one logged batch, then the row with the
         payload on its own (a logged batch is capped far below a 1 MiB payload). A crash in
@@ -145,10 +155,11 @@ class TaskStore:
             batch = BatchStatement(batch_type=BatchType.LOGGED)
             batch.add(self._insert_by_day, (record.tenant_id, created.date(), created,
                                             task.task_id, task.function))
-            batch.add(self._insert_unqueued, (bucket_of(record.tenant_id, task.task_id),
-                                              record.tenant_id, task.task_id, created))
+            if task.state == State.TASK_STATE_ACCEPTED:
+                batch.add(self._insert_unqueued, (bucket_of(record.tenant_id, task.task_id),
+                                                  record.tenant_id, task.task_id, created))
             batch.add(self._event_statement(record.tenant_id, task.task_id, tasks_pb2.TaskStage(
-                state=State.TASK_STATE_ACCEPTED, time=task.create_time, service=self._service)))
+                state=task.state, time=task.create_time, service=self._service)))
             indexed.append(self._session.execute_async(batch))
         for future in indexed:
             future.result()
@@ -157,7 +168,7 @@ class TaskStore:
             task = record.task
             created = task.create_time.ToDatetime(tzinfo=UTC)
             rows.append(self._session.execute_async(self._insert_task, (
-                record.tenant_id, task.task_id, task.function, State.TASK_STATE_ACCEPTED,
+                record.tenant_id, task.task_id, task.function, task.state,
                 created, created, record.SerializeToString(), micros(created))))
         for future in rows:
             future.result()
@@ -226,7 +237,7 @@ class TaskStore:
     # --- leases (dispatcher, executor-manager) ---------------------------------------------
 
     def lease(self, tenant_id: str, task_id: str, *, lease_id: uuid.UUID,
-              expire_time: datetime, attempt_number: int) -> bool:
+              expire_time: datetime, attempt_number: int, executor_address: str = "") -> bool:
         """Takes a queued task for one attempt; False when it is not leasable (any more).
 
         The sweeper's index entry is written first: a crash right after the lease is taken
@@ -237,8 +248,8 @@ class TaskStore:
                                                    expire_time))
         now = now_utc()
         applied = self._session.execute(self._lease, (
-            State.TASK_STATE_DISPATCHED, lease_id, expire_time, now, tenant_id, task_id,
-            list(LEASABLE_STATES))).was_applied
+            State.TASK_STATE_DISPATCHED, lease_id, expire_time, now, executor_address or None,
+            tenant_id, task_id, list(LEASABLE_STATES))).was_applied
         if not applied:
             self._session.execute(self._delete_lease, (bucket, tenant_id, task_id, lease_id))
             return False
@@ -287,28 +298,53 @@ class TaskStore:
                 attempt_number=record.task.attempt_count, detail=detail))
         return applied
 
-    def requeue(self, record: records_pb2.TaskRecord, *, lease_id: uuid.UUID,
-                detail: str) -> bool:
-        """Takes a task back from an expired lease: QUEUED again, and listed as unqueued until
-        the caller has produced it and called `mark_queued` (so a crash in between loses
-        nothing). ``record`` carries the lost attempt. False when the lease moved on.
+    def transition(self, stored: StoredTask, *, state: int, detail: str = "",
+                   attempt_number: int | None = None) -> bool:
+        """Moves a task that holds no lease from the state it was read in to ``state``,
+        storing ``stored.record`` with it (compare-and-set on the state and update time read).
+
+        False, writing nothing, when the task changed since it was read: the caller reads it
+        again and decides anew. Any lease is cleared (a cancelled running task's executor is
+        fenced out by it).
         """
+        record = stored.record
         tenant_id, task_id = record.tenant_id, record.task.task_id
+        read_state = record.task.state
         now = now_utc()
-        record.task.state = State.TASK_STATE_QUEUED
+        record.task.state = state
         record.task.update_time.CopyFrom(timestamp_of(now))
-        applied = self._session.execute(self._requeue, (
-            State.TASK_STATE_QUEUED, record.SerializeToString(), now, tenant_id, task_id,
-            lease_id)).was_applied
-        self._session.execute(self._delete_lease, (bucket_of(tenant_id, task_id), tenant_id,
-                                                   task_id, lease_id))
-        if applied:
-            self._session.execute(self._insert_unqueued, (bucket_of(tenant_id, task_id),
-                                                          tenant_id, task_id, now))
-            self.append_stage(tenant_id, task_id, tasks_pb2.TaskStage(
-                state=State.TASK_STATE_QUEUED, time=timestamp_of(now), service=self._service,
-                attempt_number=record.task.attempt_count, detail=detail))
-        return applied
+        applied = self._session.execute(self._transition, (
+            state, record.SerializeToString(), now, tenant_id, task_id, read_state,
+            stored.update_time)).was_applied
+        if not applied:
+            record.task.state = read_state
+            return False
+        if stored.lease_id is not None:
+            self._session.execute(self._delete_lease, (bucket_of(tenant_id, task_id), tenant_id,
+                                                       task_id, stored.lease_id))
+        self.append_stage(tenant_id, task_id, tasks_pb2.TaskStage(
+            state=state, time=timestamp_of(now), service=self._service, detail=detail,
+            attempt_number=record.task.attempt_count if attempt_number is None
+            else attempt_number))
+        return True
+
+    def list_unqueued(self, record: records_pb2.TaskRecord) -> None:
+        """Lists a task as not yet confirmed on Kafka, before it is moved to QUEUED: a crash
+        before `mark_queued` then leaves it for the sweeper instead of losing it."""
+        tenant_id, task_id = record.tenant_id, record.task.task_id
+        self._session.execute(self._insert_unqueued, (bucket_of(tenant_id, task_id), tenant_id,
+                                                      task_id, now_utc()))
+
+    def delete(self, record: records_pb2.TaskRecord) -> None:
+        """Deletes a task, its timeline and its listing (its dedup claim stays)."""
+        tenant_id, task = record.tenant_id, record.task
+        created = task.create_time.ToDatetime(tzinfo=UTC)
+        futures = [self._session.execute_async(statement, values) for statement, values in (
+            (self._delete_by_day, (tenant_id, created.date(), created, task.task_id)),
+            (self._delete_events, (tenant_id, task.task_id)),
+            (self._delete_task, (tenant_id, task.task_id)))]
+        for future in futures:
+            future.result()
 
     def forget_lease(self, key: TaskKey, lease_id: uuid.UUID) -> None:
         """Drops an index entry of a lease the task does not hold (taken over or never won)."""
@@ -337,4 +373,4 @@ class TaskStore:
         record = records_pb2.TaskRecord.FromString(row.record)
         record.task.state = row.state
         expire = row.lease_expire_time.replace(tzinfo=UTC) if row.lease_expire_time else None
-        return StoredTask(record, row.lease_id, expire)
+        return StoredTask(record, row.lease_id, expire, row.update_time, row.executor_address)

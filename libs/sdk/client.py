@@ -3,25 +3,41 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
-from weir.v1 import functions_pb2, functions_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from weir.v1 import (
+    dead_letters_pb2,
+    dead_letters_pb2_grpc,
+    functions_pb2,
+    functions_pb2_grpc,
+    operations_pb2,
+    operations_pb2_grpc,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
 
 from libs.errors import from_rpc_error
 
 FINAL = {tasks_pb2.TaskState.TASK_STATE_SUCCEEDED, tasks_pb2.TaskState.TASK_STATE_FAILED,
          tasks_pb2.TaskState.TASK_STATE_CANCELLED, tasks_pb2.TaskState.TASK_STATE_EXPIRED}
 BATCH_LIMIT = 1000
+OPERATION_FINAL = {operations_pb2.OperationState.OPERATION_STATE_SUCCEEDED,
+                   operations_pb2.OperationState.OPERATION_STATE_FAILED,
+                   operations_pb2.OperationState.OPERATION_STATE_CANCELLED}
 
 # Reads are idempotent: gRPC retries them by itself when a server is briefly unavailable.
 SERVICE_CONFIG = json.dumps({"methodConfig": [{
     "name": [{"service": "weir.v1.TaskService", "method": m} for m in ("GetTask", "ListTasks")]
     + [{"service": "weir.v1.FunctionService", "method": m}
-       for m in ("GetFunction", "ListFunctions")],
+       for m in ("GetFunction", "ListFunctions")]
+    + [{"service": "weir.v1.DeadLetterService", "method": m}
+       for m in ("GetDeadLetter", "ListDeadLetters")]
+    + [{"service": "weir.v1.OperationService", "method": "GetOperation"}],
     "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s",
                     "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
 }]})
@@ -51,6 +67,8 @@ class Client:
             ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)])
         self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._functions = functions_pb2_grpc.FunctionServiceStub(self._channel)
+        self._dead_letters = dead_letters_pb2_grpc.DeadLetterServiceStub(self._channel)
+        self._operations = operations_pb2_grpc.OperationServiceStub(self._channel)
         self._metadata = [("authorization", f"Bearer {api_key}")]
         self._timeout = timeout
 
@@ -64,9 +82,13 @@ class Client:
         self._channel.close()
 
     def create_task(self, function: str, payload: bytes = b"", *, task_id: str = "",
-                    request_id: str = "", **fields: Any) -> tasks_pb2.Task:
-        """Submits one task; ``fields`` are further `weir.v1.Task` fields (priority, labels…)."""
+                    request_id: str = "", delay: timedelta | None = None,
+                    **fields: Any) -> tasks_pb2.Task:
+        """Submits one task; ``fields`` are further `weir.v1.Task` fields (priority, labels,
+        schedule_time, max_age, retry_config…). ``delay`` sets `schedule_time` to now + it."""
         task = tasks_pb2.Task(function=function, payload=payload, task_id=task_id, **fields)
+        if delay is not None:
+            task.schedule_time.FromDatetime(datetime.now(UTC) + delay)
         return self._call(self._tasks.CreateTask,
                           tasks_pb2.CreateTaskRequest(task=task, request_id=request_id))
 
@@ -97,6 +119,23 @@ class Client:
             token = page.next_page_token
             if not token:
                 return
+
+    def cancel_task(self, task_id: str, *, reason: str = "") -> tasks_pb2.Task:
+        return self._call(self._tasks.CancelTask, tasks_pb2.CancelTaskRequest(
+            task_id=task_id, reason=reason))
+
+    def delete_task(self, task_id: str) -> None:
+        self._call(self._tasks.DeleteTask, tasks_pb2.DeleteTaskRequest(task_id=task_id))
+
+    def batch_cancel_tasks(self, filter: str, *, request_id: str = ""
+                           ) -> operations_pb2.Operation:
+        return self._call(self._tasks.BatchCancelTasks, tasks_pb2.BatchCancelTasksRequest(
+            filter=filter, request_id=request_id))
+
+    def batch_delete_tasks(self, filter: str, *, request_id: str = ""
+                           ) -> operations_pb2.Operation:
+        return self._call(self._tasks.BatchDeleteTasks, tasks_pb2.BatchDeleteTasksRequest(
+            filter=filter, request_id=request_id))
 
     def watch(self, task_id: str, *, timeout: float = 60.0
               ) -> Iterator[tasks_pb2.WatchTaskResponse]:
@@ -132,6 +171,58 @@ class Client:
 
     def get_function(self, name: str) -> functions_pb2.Function:
         return self._call(self._functions.GetFunction, functions_pb2.GetFunctionRequest(name=name))
+
+    def pause_function(self, name: str) -> functions_pb2.Function:
+        return self._call(self._functions.PauseFunction,
+                          functions_pb2.PauseFunctionRequest(name=name))
+
+    def resume_function(self, name: str) -> functions_pb2.Function:
+        return self._call(self._functions.ResumeFunction,
+                          functions_pb2.ResumeFunctionRequest(name=name))
+
+    def get_dead_letter(self, task_id: str) -> dead_letters_pb2.DeadLetter:
+        return self._call(self._dead_letters.GetDeadLetter,
+                          dead_letters_pb2.GetDeadLetterRequest(task_id=task_id))
+
+    def list_dead_letters(self, filter: str = "", *, page_size: int = 100
+                          ) -> Iterator[dead_letters_pb2.DeadLetter]:
+        token = ""
+        while True:
+            page = self._call(self._dead_letters.ListDeadLetters,
+                              dead_letters_pb2.ListDeadLettersRequest(
+                                  filter=filter, page_size=page_size, page_token=token))
+            yield from page.dead_letters
+            token = page.next_page_token
+            if not token:
+                return
+
+    def redrive_dead_letters(self, task_ids: Iterable[str] = (), *, filter: str = "",
+                             payload_override: bytes | None = None,
+                             per_second: float = 0) -> operations_pb2.Operation:
+        """Re-drives dead letters by ID or filter, optionally with a corrected payload."""
+        request = dead_letters_pb2.RedriveDeadLettersRequest(
+            task_ids=list(task_ids), filter=filter, max_redrives_per_second=per_second)
+        if payload_override is not None:
+            request.payload_override = payload_override
+        return self._call(self._dead_letters.RedriveDeadLetters, request)
+
+    def get_operation(self, name: str) -> operations_pb2.Operation:
+        return self._call(self._operations.GetOperation,
+                          operations_pb2.GetOperationRequest(name=name))
+
+    def cancel_operation(self, name: str) -> operations_pb2.Operation:
+        return self._call(self._operations.CancelOperation,
+                          operations_pb2.CancelOperationRequest(name=name))
+
+    def wait_operation(self, name: str, *, timeout: float = 300.0,
+                       poll_seconds: float = 0.25) -> operations_pb2.Operation:
+        """Polls an operation until it ends (or ``timeout`` passes) and returns it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            operation = self.get_operation(name)
+            if operation.state in OPERATION_FINAL or time.monotonic() > deadline:
+                return operation
+            time.sleep(poll_seconds)
 
     def _call(self, method, request):
         try:

@@ -7,20 +7,28 @@ import grpc
 from weir.internal.executor_manager.v1 import executor_manager_pb2_grpc
 
 from libs import service
+from libs.cassandra.functions import FunctionStore
+from libs.cassandra.parked import ParkedStore
 from libs.cassandra.session import close, connect
-from libs.cassandra.tasks import TaskStore
+from libs.cassandra.timers import TimerStore
 from libs.config import WeirConfig
 from libs.kafka.client import Consumer, Producer
 from libs.kafka.topics import PRIORITY_TIERS, task_topic
+from libs.lifecycle import Lifecycle
 from libs.periodic import Periodic
 from services.dispatcher.engine import Dispatcher, ExecutorDirectory, LeaseSweeper
 from services.dispatcher.server import create_server
+from services.dispatcher.timers import TimerFirer, TimerPoller
+
+TIMER_POLL_SECONDS = 0.2  # under the poller's 1 s lookahead, so no timer is read late
 
 
 def start(config: WeirConfig) -> service.Started:
     session = connect(config)
-    tasks = TaskStore(session, service="dispatcher")
     producer = Producer(bootstrap=config.kafka_bootstrap, client_id="dispatcher")
+    lifecycle = Lifecycle.of_service(session, producer, service="dispatcher",
+                                     topic_prefix=config.topic_prefix)
+    functions = FunctionStore(session)
     directory = ExecutorDirectory()
     server = create_server(config, directory=directory)
     dispatcher_id = f"{config.advertise_host}:{server.port}"
@@ -32,13 +40,18 @@ def start(config: WeirConfig) -> service.Started:
     def stub_for(address: str) -> executor_manager_pb2_grpc.ExecutorServiceStub:
         return executor_manager_pb2_grpc.ExecutorServiceStub(grpc.insecure_channel(address))
 
-    dispatcher = Dispatcher(dispatcher_id=dispatcher_id, tasks=tasks, consumer=consumer,
+    dispatcher = Dispatcher(dispatcher_id=dispatcher_id, lifecycle=lifecycle,
+                            functions=functions, parked=ParkedStore(session), consumer=consumer,
                             directory=directory, lease=timedelta(seconds=config.lease_seconds),
                             stub_for=stub_for).start()
     sweeper = Periodic("lease-sweeper", config.sweep_interval_seconds,
-                       LeaseSweeper(tasks=tasks, producer=producer).sweep).start()
+                       LeaseSweeper(lifecycle=lifecycle, functions=functions).sweep).start()
+    timers = TimerPoller(timers=TimerStore(session), fire=TimerFirer(lifecycle)).start()
+    timer_polls = Periodic("timer-poller", TIMER_POLL_SECONDS, timers.poll).start()
 
     def drain() -> None:
+        timer_polls.stop()
+        timers.stop()
         sweeper.stop()
         dispatcher.stop()
 

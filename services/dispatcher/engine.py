@@ -10,19 +10,26 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import grpc
 from google.rpc import code_pb2, status_pb2
 from weir.internal.executor_manager.v1 import executor_manager_pb2, executor_manager_pb2_grpc
 from weir.storage.v1 import records_pb2
-from weir.v1 import common_pb2, tasks_pb2
+from weir.v1 import common_pb2, functions_pb2, tasks_pb2
 
-from libs.cassandra.tasks import BUCKETS, TaskStore, now_utc, timestamp_of
-from libs.kafka.client import Consumer, ConsumerLoop, Message, Producer
-from libs.taskqueue import task_record_to_kafka
+from libs.cache import TtlCache
+from libs.cassandra.functions import FunctionStore
+from libs.cassandra.parked import ParkedStore
+from libs.cassandra.tasks import BUCKETS, now_utc, timestamp_of
+from libs.kafka.client import Consumer, ConsumerLoop, Message
+from libs.lifecycle import Lifecycle
+from libs.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+State = tasks_pb2.TaskState
+PAUSED = functions_pb2.FunctionState.FUNCTION_STATE_PAUSED
 
 
 @dataclass
@@ -102,16 +109,23 @@ class Dispatcher:
     """Consumes task topics, leases each task and pushes it to an executor.
 
     A message is acknowledged (its offset may be committed) once its task is leased and
-    handed to an executor, or found not leasable (a duplicate of a task already leased or
-    finished). Long tasks therefore never hold offsets back; their lease does the guarding.
+    handed to an executor, found not leasable (a duplicate of a task already leased or
+    finished), expired, or parked because its function is paused. Long tasks therefore never
+    hold offsets back; their lease does the guarding.
     """
 
-    def __init__(self, *, dispatcher_id: str, tasks: TaskStore, consumer: Consumer,
-                 directory: ExecutorDirectory, lease: timedelta, concurrency: int = 32,
+    def __init__(self, *, dispatcher_id: str, lifecycle: Lifecycle, functions: FunctionStore,
+                 parked: ParkedStore, consumer: Consumer, directory: ExecutorDirectory,
+                 lease: timedelta, concurrency: int = 32,
                  stub_for: Callable[[str], executor_manager_pb2_grpc.ExecutorServiceStub]
                  ) -> None:
         self._id = dispatcher_id
-        self._tasks = tasks
+        self._lifecycle = lifecycle
+        self._tasks = lifecycle.tasks
+        self._functions = functions
+        # A pause takes effect within this cache's TTL (see `_parked_if_paused`).
+        self._function_states = TtlCache(self._function_state, ttl=1.0)
+        self._parked = parked
         self._directory = directory
         self._lease = lease
         self._stub_for = stub_for
@@ -146,6 +160,15 @@ class Dispatcher:
         holds no leases (which would expire and be swept while the tasks still wait).
         """
         task = records_pb2.TaskMessage.FromString(message.value)
+        if task.HasField("expire_time") and task.expire_time.ToDatetime(tzinfo=UTC) <= now_utc():
+            self._lifecycle.end(self._tasks.get(task.tenant_id, task.task_id),
+                                state=State.TASK_STATE_EXPIRED,
+                                detail="its expire_time passed while it was queued")
+            message.ack()
+            return
+        if self._parked_if_paused(task):
+            message.ack()
+            return
         lease_id, request = None, None
         refused: set[str] = set()
         while not self._loop.stopping:
@@ -156,7 +179,8 @@ class Dispatcher:
             if lease_id is None:
                 lease_id, expire = uuid.uuid4(), now_utc() + self._lease
                 if not self._tasks.lease(task.tenant_id, task.task_id, lease_id=lease_id,
-                                         expire_time=expire, attempt_number=task.attempt_number):
+                                         expire_time=expire, attempt_number=task.attempt_number,
+                                         executor_address=executor.address):
                     self._directory.release(executor.executor_id)
                     message.ack()  # already leased, finished or gone: this copy is a duplicate
                     return
@@ -179,16 +203,37 @@ class Dispatcher:
         # delivered again to whoever owns the partition next.
         message.nack()
 
+    def _function_state(self, tenant_id: str, function: str) -> int:
+        found = self._functions.get(tenant_id, function)
+        return found.state if found else functions_pb2.FunctionState.FUNCTION_STATE_UNSPECIFIED
+
+    def _parked_if_paused(self, task: records_pb2.TaskMessage) -> bool:
+        """Holds the task of a paused function out of the queue (in Cassandra) until resumed.
+
+        The park is written before the function's state is read afresh, and ResumeFunction
+        writes the state before it reads the parked tasks: so either that read sees this
+        park, or this read sees the resume and the task is dispatched here. None is stranded.
+        """
+        if self._function_states.get(task.tenant_id, task.function) != PAUSED:
+            return False
+        self._parked.park(task)
+        if self._function_state(task.tenant_id, task.function) == PAUSED:
+            return True
+        self._parked.unpark(task)
+        return False
+
 
 class LeaseSweeper:
-    """Re-queues tasks whose lease expired: their executor died or stopped renewing."""
+    """Ends the attempts whose lease expired (their executor died or stopped renewing) as
+    retryable failures: the task is retried by its policy, like after any crash."""
 
-    def __init__(self, *, tasks: TaskStore, producer: Producer) -> None:
-        self._tasks = tasks
-        self._producer = producer
+    def __init__(self, *, lifecycle: Lifecycle, functions: FunctionStore) -> None:
+        self._lifecycle = lifecycle
+        self._tasks = lifecycle.tasks
+        self._functions = TtlCache(functions.get, ttl=5.0)
 
     def sweep(self) -> int:
-        requeued = 0
+        ended = 0
         now = now_utc()
         for bucket in range(BUCKETS):
             for key, lease_id in self._tasks.expired_leases(bucket, now=now):
@@ -197,22 +242,19 @@ class LeaseSweeper:
                     self._tasks.forget_lease(key, lease_id)  # a lease the task does not hold
                     continue
                 record = stored.record
-                record.task.attempts.append(tasks_pb2.Attempt(
-                    attempt_number=record.task.attempt_count + 1,
+                attempt = tasks_pb2.Attempt(
+                    attempt_number=len(record.task.attempts) + 1,
                     exit_reason=tasks_pb2.ExitReason.EXIT_REASON_LEASE_LOST,
                     error_class=common_pb2.ErrorClass.ERROR_CLASS_RETRYABLE,
                     status=status_pb2.Status(code=code_pb2.UNAVAILABLE, message=(
                         "lease expired: the executor stopped renewing it")),
-                    end_time=timestamp_of(now)))
-                record.task.attempt_count += 1
-                if not self._tasks.requeue(record, lease_id=lease_id,
-                                           detail="lease expired: executor lost"):
-                    continue
-                queued_time = now_utc()
-                self._producer.send_all([task_record_to_kafka(
-                    record, attempt_number=record.task.attempt_count + 1)])
-                self._tasks.mark_queued([record], queued_time=queued_time, record_stage=False)
-                requeued += 1
-                log.info("re-queued a task whose lease expired", extra={
-                    "tenant": key.tenant_id, "task_id": key.task_id})
-        return requeued
+                    end_time=timestamp_of(now))
+                function = self._functions.get(key.tenant_id, record.task.function)
+                policy = RetryPolicy.of(function.retry_config if function
+                                        else common_pb2.RetryConfig(), record.task.retry_config)
+                if self._lifecycle.end_attempt(record, attempt, lease_id=lease_id,
+                                               policy=policy) is not None:
+                    ended += 1
+                    log.info("ended an attempt whose lease expired", extra={
+                        "tenant": key.tenant_id, "task_id": key.task_id})
+        return ended

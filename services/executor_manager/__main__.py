@@ -7,10 +7,9 @@ from pathlib import Path
 from libs import service
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.session import close, connect
-from libs.cassandra.tasks import TaskStore
 from libs.config import WeirConfig
 from libs.kafka.client import Producer
-from libs.kafka.topics import results_topic
+from libs.lifecycle import Lifecycle
 from libs.periodic import Periodic
 from services.executor_manager.engine import Executor
 from services.executor_manager.pool import WorkerPool
@@ -26,9 +25,10 @@ def start(config: WeirConfig) -> service.Started:
     pool.start()
     lease = timedelta(seconds=config.lease_seconds)
     reporter_box: list[LoadReporter] = []
-    executor = Executor(executor_id="", tasks=TaskStore(session, service="executor-manager"),
-                        functions=FunctionStore(session), pool=pool, producer=producer,
-                        results_topic=results_topic(config.topic_prefix), lease=lease,
+    lifecycle = Lifecycle.of_service(session, producer, service="executor-manager",
+                                     topic_prefix=config.topic_prefix)
+    executor = Executor(executor_id="", lifecycle=lifecycle, functions=FunctionStore(session),
+                        pool=pool, lease=lease,
                         on_load_change=lambda: reporter_box and reporter_box[0].changed())
     server = create_server(config, executor=executor)
     address = f"{config.advertise_host}:{server.port}"

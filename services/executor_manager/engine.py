@@ -18,9 +18,10 @@ from weir.v1 import common_pb2, functions_pb2, tasks_pb2, worker_pb2
 
 from libs.cache import TtlCache
 from libs.cassandra.functions import FunctionStore
-from libs.cassandra.tasks import TaskStore, now_utc, timestamp_of
+from libs.cassandra.tasks import now_utc, timestamp_of
 from libs.errors import ResourceExhausted
-from libs.kafka.client import Producer, Record
+from libs.lifecycle import Lifecycle
+from libs.retry import RetryPolicy
 from services.executor_manager.pool import WorkerPool, WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Running:
     lease_id: uuid.UUID
     worker: WorkerProcess
     function: str
+    cancelled: bool = False
 
 
 @dataclass
@@ -58,15 +60,14 @@ class Outcome:
 class Executor:
     """Takes dispatched tasks while it has an idle worker; records and publishes outcomes."""
 
-    def __init__(self, *, executor_id: str, tasks: TaskStore, functions: FunctionStore,
-                 pool: WorkerPool, producer: Producer, results_topic: str, lease: timedelta,
+    def __init__(self, *, executor_id: str, lifecycle: Lifecycle, functions: FunctionStore,
+                 pool: WorkerPool, lease: timedelta,
                  on_load_change: Callable[[], None] = lambda: None) -> None:
         self.executor_id = executor_id
-        self._tasks = tasks
+        self._lifecycle = lifecycle
+        self._tasks = lifecycle.tasks
         self._functions = TtlCache(functions.get, ttl=5.0)
         self._pool = pool
-        self._producer = producer
-        self._results_topic = results_topic
         self._lease = lease
         self._on_load_change = on_load_change
         self._running: dict[tuple[str, str], Running] = {}
@@ -133,6 +134,20 @@ class Executor:
                     # fenced by the lease, so nothing of this attempt is recorded.
                     attempt.worker.terminate()
 
+    def cancel(self, tenant_id: str, task_id: str) -> bool:
+        """Stops a running attempt at once (CancelTask already ended the task and took its
+        lease). Its worker process is killed and replaced: the only way to stop any handler,
+        even one blocked in C code, within the 2 s CancelTask promises."""
+        with self._lock:
+            attempt = self._running.get((tenant_id, task_id))
+            if attempt is None:
+                return False
+            attempt.cancelled = True
+        log.info("cancelling a running attempt", extra={"tenant": tenant_id,
+                                                        "task_id": task_id})
+        attempt.worker.terminate()
+        return True
+
     def drain(self, timeout_seconds: float) -> None:
         """Takes no new work and waits for running attempts to finish."""
         self.draining = True
@@ -175,36 +190,25 @@ class Executor:
         self._done_with_worker(running, reusable=outcome.exit_reason not in (
             Exit.EXIT_REASON_TIMED_OUT, Exit.EXIT_REASON_WORKER_CRASHED))
 
+        if running.cancelled:
+            return  # CancelTask ended the task and took the lease: nothing more to record
         stored = self._tasks.get(message.tenant_id, message.task_id)
         if stored is None:
             return
         record = stored.record
         attempt = tasks_pb2.Attempt(
-            attempt_number=message.attempt_number, executor_id=self.executor_id,
+            attempt_number=len(record.task.attempts) + 1, executor_id=self.executor_id,
             start_time=timestamp_of(start), end_time=timestamp_of(end),
             status=outcome.status or status_pb2.Status(code=code_pb2.OK),
             error_class=outcome.error_class, exit_reason=outcome.exit_reason)
         if outcome.retry_delay is not None:
             attempt.requested_retry_delay.CopyFrom(outcome.retry_delay)
-        record.task.attempts.append(attempt)
-        record.task.attempt_count = len(record.task.attempts)
-        record.task.last_status.CopyFrom(attempt.status)
-        if outcome.succeeded:
-            record.task.result = outcome.result
-        # Retries by error class arrive with the task-semantics issue; until then a failed
-        # attempt fails the task.
-        state = State.TASK_STATE_SUCCEEDED if outcome.succeeded else State.TASK_STATE_FAILED
-        if not self._tasks.finish(record, state=state, lease_id=running.lease_id,
-                                  detail=attempt.status.message):
+        policy = RetryPolicy.of(function.retry_config if function else
+                                common_pb2.RetryConfig(), record.task.retry_config)
+        if self._lifecycle.end_attempt(record, attempt, lease_id=running.lease_id,
+                                       policy=policy, result=outcome.result) is None:
             log.warning("late result rejected: the lease was taken over", extra={
                 "tenant": message.tenant_id, "task_id": message.task_id})
-            return
-        outcome_record = records_pb2.AttemptOutcome(
-            tenant_id=message.tenant_id, task_id=message.task_id, function=message.function,
-            attempt=attempt, result=record.task.result, state=state,
-            lease_id=str(running.lease_id))
-        self._producer.send_all([Record(self._results_topic, outcome_record.SerializeToString(),
-                                        key=message.task_id.encode())])
 
     def _execute(self, message: records_pb2.TaskMessage,
                  function: functions_pb2.Function | None, worker: WorkerProcess) -> Outcome:

@@ -22,5 +22,12 @@ class ExecutorHandler(executor_manager_pb2_grpc.ExecutorServiceServicer):
         self._executor.dispatch(request)
         return executor_manager_pb2.DispatchResponse(executor_id=self._executor.executor_id)
 
+    def CancelAttempt(self, request, context):
+        missing = {f: "required" for f in ("tenant_id", "task_id") if not getattr(request, f)}
+        if missing:
+            raise InvalidArgument(missing)
+        return executor_manager_pb2.CancelAttemptResponse(
+            cancelled=self._executor.cancel(request.tenant_id, request.task_id))
+
     def GetLoad(self, request, context):
         return self._executor.load()

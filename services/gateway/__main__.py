@@ -1,22 +1,33 @@
 """Runs the gateway: ``python -m services.gateway``."""
 
+import functools
+import uuid
 from datetime import timedelta
 
 import grpc
+from weir.internal.executor_manager.v1 import executor_manager_pb2_grpc
 from weir.internal.notifier.v1 import notifier_pb2_grpc
 from weir.internal.router.v1 import router_pb2, router_pb2_grpc
 
 from libs import service
+from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.functions import FunctionStore
+from libs.cassandra.operations import OperationStore
+from libs.cassandra.parked import ParkedStore
 from libs.cassandra.session import close, connect
-from libs.cassandra.tasks import TaskStore
 from libs.cassandra.tenants import TenantStore
+from libs.cassandra.timers import TimerStore
 from libs.config import WeirConfig
 from libs.kafka.client import Producer
+from libs.lifecycle import Lifecycle
 from libs.periodic import Periodic
+from services.gateway.control import TaskControl
 from services.gateway.engine import Submitter
+from services.gateway.operations import OperationRunner, OperationStarter
 from services.gateway.server import create_server
+
+OPERATION_POLL_SECONDS = 0.5
 
 
 def start(config: WeirConfig) -> service.Started:
@@ -25,27 +36,48 @@ def start(config: WeirConfig) -> service.Started:
     router = router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(config.router_address))
     notifier = notifier_pb2_grpc.NotifierServiceStub(
         grpc.insecure_channel(config.notifier_address))
-    tasks = TaskStore(session, service="gateway")
-    functions = FunctionStore(session)
+    lifecycle = Lifecycle.of_service(session, producer, service="gateway",
+                                     topic_prefix=config.topic_prefix)
+    functions, dedup = FunctionStore(session), DedupStore(session)
+    dead_letters, operations = DeadLetterStore(session), OperationStore(session)
 
     def route(tenant_id: str, function: str, priority: int) -> router_pb2.Route:
         return router.GetRoute(router_pb2.GetRouteRequest(
             tenant_id=tenant_id, function=function, priority=priority), timeout=5)
 
-    submitter = Submitter(tasks=tasks, functions=functions, dedup=DedupStore(session),
-                          route=route, producer=producer,
+    @functools.cache
+    def executor_for(address: str) -> executor_manager_pb2_grpc.ExecutorServiceStub:
+        return executor_manager_pb2_grpc.ExecutorServiceStub(grpc.insecure_channel(address))
+
+    submitter = Submitter(tasks=lifecycle.tasks, timers=TimerStore(session), functions=functions,
+                          dedup=dedup, route=route, producer=producer,
                           crash_after_store=config.fault == "gateway.crash_after_store")
+    control = TaskControl(lifecycle=lifecycle, dead_letters=dead_letters,
+                          parked=ParkedStore(session), producer=producer,
+                          executor_for=executor_for)
+    server = create_server(config, tenants=TenantStore(session), submitter=submitter,
+                           lifecycle=lifecycle, control=control, functions=functions,
+                           dead_letters=dead_letters, notifier=notifier,
+                           operations=OperationStarter(operations=operations, dedup=dedup))
+    runner = OperationRunner(
+        operations=operations, lifecycle=lifecycle, control=control, dead_letters=dead_letters,
+        owner=f"gateway-{config.advertise_host}:{server.port}-{uuid.uuid4().hex[:8]}",
+        silent_after=timedelta(seconds=config.operation_silent_seconds))
     sweeper = Periodic("unqueued-sweeper", config.sweep_interval_seconds, lambda:
                        submitter.sweep_unqueued(
                            grace=timedelta(seconds=config.unqueued_grace_seconds))).start()
-    server = create_server(config, tenants=TenantStore(session), submitter=submitter,
-                           tasks=tasks, functions=functions, notifier=notifier)
+    operation_polls = Periodic("operation-runner", OPERATION_POLL_SECONDS, runner.poll).start()
+
+    def drain() -> None:
+        operation_polls.stop()
+        runner.stop()
+        sweeper.stop()
 
     def shutdown() -> None:
         producer.close()
         close(session)
 
-    return service.Started(server=server, drain=sweeper.stop, close=shutdown)
+    return service.Started(server=server, drain=drain, close=shutdown)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import random
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from google.rpc import code_pb2, status_pb2
 from weir.internal.router.v1 import router_pb2
@@ -19,11 +19,15 @@ from libs.cache import TtlCache
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.tasks import BUCKETS, TaskStore, now_utc, timestamp_of
+from libs.cassandra.timers import Timer, TimerStore, to_millis
 from libs.errors import AlreadyExists, NotFound, Unavailable
 from libs.kafka.client import Producer
 from libs.taskqueue import task_record_to_kafka
 
 log = logging.getLogger(__name__)
+
+State = tasks_pb2.TaskState
+Kind = records_pb2.TimerKind
 
 DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
 REQUEST_ID_WINDOW = timedelta(hours=24)
@@ -45,10 +49,11 @@ class Submitter:
     empties, so an acknowledged — or even an unacknowledged but stored — task always runs.
     """
 
-    def __init__(self, *, tasks: TaskStore, functions: FunctionStore, dedup: DedupStore,
-                 route: Callable[[str, str, int], router_pb2.Route], producer: Producer,
-                 crash_after_store: bool = False) -> None:
+    def __init__(self, *, tasks: TaskStore, timers: TimerStore, functions: FunctionStore,
+                 dedup: DedupStore, route: Callable[[str, str, int], router_pb2.Route],
+                 producer: Producer, crash_after_store: bool = False) -> None:
         self._tasks = tasks
+        self._timers = timers
         self._functions = TtlCache(functions.get, ttl=5.0)
         self._dedup = dedup
         self._routes = TtlCache(route, ttl=30.0)
@@ -98,7 +103,9 @@ class Submitter:
             records.append((i, self._record(tenant_id, task_id, request, function, now)))
 
         stored = [r for _, r in records]
+        immediate = [r for r in stored if r.task.state == State.TASK_STATE_ACCEPTED]
         try:
+            self._timers.add(timers_of(stored))  # before the tasks: none may wait unseen
             self._tasks.create(stored)
         except Exception as exc:
             for tenant, key in claims:
@@ -108,15 +115,16 @@ class Submitter:
             os._exit(17)  # fault injection for tests: die between store and produce
         queued_time = now_utc()
         try:
-            self._producer.send_all(task_record_to_kafka(r) for r in stored)
+            self._producer.send_all(task_record_to_kafka(r) for r in immediate)
         except Exception as exc:
             raise Unavailable("tasks stored but not yet queued; they will run — retry with "
                               f"the same request_id to get them: {exc}") from exc
-        self._tasks.mark_queued(stored, queued_time=queued_time)
+        self._tasks.mark_queued(immediate, queued_time=queued_time)
         for i, record in records:
             task = tasks_pb2.Task()
             task.CopyFrom(record.task)
-            task.state = tasks_pb2.TaskState.TASK_STATE_QUEUED
+            if task.state == State.TASK_STATE_ACCEPTED:
+                task.state = State.TASK_STATE_QUEUED
             task.ClearField("payload")
             results[i] = Created(task, status_pb2.Status(code=code_pb2.OK))
         return results  # type: ignore[return-value]
@@ -128,15 +136,21 @@ class Submitter:
         for bucket in range(BUCKETS):
             keys = self._tasks.unqueued(bucket, older_than=older_than)
             found = self._tasks.get_many(keys)
+            stored = []
             for key, item in zip(keys, found, strict=True):
-                if item is None:
-                    self._tasks.forget_unqueued(key)  # its create failed half-way: never acked
-            stored = [s for s in found if s is not None]
+                # Only tasks still waiting for the queue. A create that failed half-way left
+                # no task (never acknowledged); a task may also have moved on (cancelled).
+                if item is not None and item.state in (State.TASK_STATE_ACCEPTED,
+                                                       State.TASK_STATE_QUEUED):
+                    stored.append(item)
+                else:
+                    self._tasks.forget_unqueued(key)
             if not stored:
                 continue
             records = [s.record for s in stored]
             queued_time = now_utc()
-            self._producer.send_all(task_record_to_kafka(r) for r in records)
+            self._producer.send_all(task_record_to_kafka(
+                r, attempt_number=r.task.attempt_count + 1) for r in records)
             self._tasks.mark_queued(records, queued_time=queued_time)
             swept += len(records)
             log.info("queued tasks left unqueued", extra={"count": len(records),
@@ -167,10 +181,30 @@ class Submitter:
         elif given.HasField("max_age"):
             task.expire_time.CopyFrom(timestamp_of(now + given.max_age.ToTimedelta()))
         route = self._routes.get(tenant_id, task.function, task.priority)
-        return records_pb2.TaskRecord(
+        record = records_pb2.TaskRecord(
             tenant_id=tenant_id, task=task, request_id=request.request_id,
             client_task_id=bool(given.task_id), handler=function.handler, topic=route.topic,
             partition=random.choice(list(route.partitions)))
+        if given.HasField("schedule_time") and given.schedule_time.ToDatetime(tzinfo=UTC) > now:
+            task.schedule_time.CopyFrom(given.schedule_time)
+            task.state = State.TASK_STATE_SCHEDULED
+            record.next_run_time.CopyFrom(timestamp_of(to_millis(
+                given.schedule_time.ToDatetime(tzinfo=UTC))))
+        return record
+
+
+def timers_of(records: Sequence[records_pb2.TaskRecord]) -> list[Timer]:
+    """The timers new tasks need: a start for the SCHEDULED, an expiry for those with one."""
+    timers = []
+    for record in records:
+        task = record.task
+        if task.state == State.TASK_STATE_SCHEDULED:
+            timers.append(Timer(record.tenant_id, task.task_id,
+                                record.next_run_time.ToDatetime(tzinfo=UTC), Kind.TIMER_KIND_RUN))
+        if task.HasField("expire_time"):
+            timers.append(Timer(record.tenant_id, task.task_id,
+                                task.expire_time.ToDatetime(tzinfo=UTC), Kind.TIMER_KIND_EXPIRE))
+    return timers
 
 
 def raise_for_single(created: Created) -> tasks_pb2.Task:

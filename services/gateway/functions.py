@@ -10,14 +10,19 @@ from weir.v1 import functions_pb2, functions_pb2_grpc
 from libs.cassandra.functions import FunctionStore
 from libs.errors import AlreadyExists, InvalidArgument, NotFound
 from services.gateway.auth import current_tenant
+from services.gateway.control import TaskControl
 from services.gateway.validation import function_violations
 
 IMMUTABLE = {"name", "state", "create_time", "update_time"}
 
 
+State = functions_pb2.FunctionState
+
+
 class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
-    def __init__(self, functions: FunctionStore) -> None:
+    def __init__(self, functions: FunctionStore, control: TaskControl) -> None:
         self._functions = functions
+        self._control = control
 
     def CreateFunction(self, request, context):
         problems = function_violations(request.function)
@@ -68,6 +73,23 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
         if not self._functions.delete(current_tenant.get(), request.name):
             raise NotFound(f"function {request.name!r} not found", reason="FUNCTION_NOT_FOUND")
         return empty_pb2.Empty()
+
+    def PauseFunction(self, request, context):
+        function = self._get(request.name)
+        if function.state != State.FUNCTION_STATE_PAUSED:
+            function.state = State.FUNCTION_STATE_PAUSED
+            self._functions.update(current_tenant.get(), function)
+        return function
+
+    def ResumeFunction(self, request, context):
+        """Marks the function active, then queues the tasks it held. The order matters (see
+        the dispatcher's parking); a retried call releases whatever a failed one left."""
+        function = self._get(request.name)
+        if function.state != State.FUNCTION_STATE_ACTIVE:
+            function.state = State.FUNCTION_STATE_ACTIVE
+            self._functions.update(current_tenant.get(), function)
+        self._control.release_parked(current_tenant.get(), function.name)
+        return function
 
     def _get(self, name: str) -> functions_pb2.Function:
         if not name:

@@ -7,32 +7,40 @@ from datetime import timedelta
 from weir.internal.notifier.v1 import notifier_pb2_grpc
 from weir.v1 import dead_letters_pb2_grpc, functions_pb2_grpc, operations_pb2_grpc, tasks_pb2_grpc
 
+from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.functions import FunctionStore
-from libs.cassandra.tasks import TaskStore
 from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from libs.grpcserver import GrpcServer, create_server as create_grpc_server, servicer
+from libs.lifecycle import Lifecycle
 from services.gateway.auth import ApiKeyAuthenticator, AuthInterceptor
+from services.gateway.control import TaskControl
+from services.gateway.dead_letters import DeadLetterHandler, OperationHandler
 from services.gateway.engine import Submitter
 from services.gateway.functions import FunctionHandler
+from services.gateway.operations import OperationStarter
 from services.gateway.tasks import TaskHandler
 
 
 def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submitter,
-                  tasks: TaskStore, functions: FunctionStore,
+                  lifecycle: Lifecycle, control: TaskControl, functions: FunctionStore,
+                  dead_letters: DeadLetterStore, operations: OperationStarter,
                   notifier: notifier_pb2_grpc.NotifierServiceStub) -> GrpcServer:
     """Serves the public API on the gateway port; every call must carry a tenant's API key."""
     authenticator = ApiKeyAuthenticator(
         tenant_of=tenants.tenant_of, cache_for=timedelta(seconds=config.api_key_cache_seconds))
-    task_handler = TaskHandler(submitter=submitter, tasks=tasks, notifier=notifier,
-                               max_payload_bytes=config.max_payload_bytes)
+    task_handler = TaskHandler(submitter=submitter, lifecycle=lifecycle, control=control,
+                               operations=operations, notifier=notifier,
+                               max_payload_bytes=config.max_payload_bytes,
+                               batch_rate=config.batch_items_per_second)
     return create_grpc_server(
         host=config.bind_host, port=config.gateway_port, workers=config.grpc_workers,
         interceptors=[AuthInterceptor(authenticator)],
         servicers=[
             servicer(tasks_pb2_grpc, "TaskService", task_handler),
-            servicer(functions_pb2_grpc, "FunctionService", FunctionHandler(functions)),
-            # These answer UNIMPLEMENTED until the task-semantics issue lands.
-            servicer(dead_letters_pb2_grpc, "DeadLetterService"),
-            servicer(operations_pb2_grpc, "OperationService"),
+            servicer(functions_pb2_grpc, "FunctionService",
+                     FunctionHandler(functions, control)),
+            servicer(dead_letters_pb2_grpc, "DeadLetterService", DeadLetterHandler(
+                dead_letters=dead_letters, operations=operations)),
+            servicer(operations_pb2_grpc, "OperationService", OperationHandler(operations)),
         ])

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 
 import grpc
+from google.protobuf import empty_pb2
 from weir.internal.notifier.v1 import notifier_pb2, notifier_pb2_grpc
+from weir.storage.v1 import records_pb2
 from weir.v1 import tasks_pb2, tasks_pb2_grpc
 
-from libs.cassandra.tasks import FINAL_STATES, TaskKey, TaskStore, now_utc
+from libs.cassandra.tasks import FINAL_STATES, StoredTask
 from libs.errors import InvalidArgument, NotFound, Unavailable
+from libs.lifecycle import Lifecycle
 from services.gateway import validation
 from services.gateway.auth import current_tenant
+from services.gateway.control import ScanPosition, TaskControl, scan_tasks
 from services.gateway.engine import Submitter, raise_for_single
 from services.gateway.filters import TaskFilter
+from services.gateway.operations import OperationStarter, new_operation
 
 View = tasks_pb2.TaskView
-LIST_DAYS = 31  # how far back ListTasks looks
+Kind = records_pb2.OperationKind
 NO_DEADLINE = 1e9  # seconds; grpc reports 'no deadline' as a remaining time beyond this
 
 
@@ -33,10 +38,15 @@ def shape(task: tasks_pb2.Task, view: int, stages=()) -> tasks_pb2.Task:
 
 
 class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
-    def __init__(self, *, submitter: Submitter, tasks: TaskStore, max_payload_bytes: int,
+    def __init__(self, *, submitter: Submitter, lifecycle: Lifecycle, control: TaskControl,
+                 operations: OperationStarter, max_payload_bytes: int, batch_rate: float,
                  notifier: notifier_pb2_grpc.NotifierServiceStub) -> None:
         self._submitter = submitter
-        self._tasks = tasks
+        self._lifecycle = lifecycle
+        self._tasks = lifecycle.tasks
+        self._control = control
+        self._operations = operations
+        self._batch_rate = batch_rate
         self._max_payload = max_payload_bytes
         self._notifier = notifier
 
@@ -53,14 +63,10 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
             tasks_pb2.BatchCreateTaskResult(task=c.task, status=c.status) for c in created])
 
     def GetTask(self, request, context):
-        if not request.task_id:
-            raise InvalidArgument({"task_id": "required"})
-        tenant = current_tenant.get()
-        stored = self._tasks.get(tenant, request.task_id)
-        if stored is None:
-            raise NotFound(f"task {request.task_id!r} not found", reason="TASK_NOT_FOUND")
+        stored = self._get(request.task_id)
         view = request.view or View.TASK_VIEW_FULL
-        stages = self._tasks.stages(tenant, request.task_id) if view == View.TASK_VIEW_FULL else ()
+        stages = (self._tasks.stages(current_tenant.get(), request.task_id)
+                  if view == View.TASK_VIEW_FULL else ())
         return shape(stored.record.task, view, stages)
 
     def ListTasks(self, request, context):
@@ -68,33 +74,52 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
             raise InvalidArgument({"page_size": "between 0 and 1,000"})
         task_filter = TaskFilter.parse(request.filter)
         page_size = request.page_size or 100
-        day, before = _decode_token(request.page_token)
-        tenant = current_tenant.get()
         view = request.view or View.TASK_VIEW_BASIC
         found: list[tasks_pb2.Task] = []
-        oldest = now_utc().date() - timedelta(days=LIST_DAYS)
-        while len(found) < page_size and day >= oldest:
-            rows = self._tasks.list_page(tenant, day=day, before=before, limit=page_size * 2)
-            if not rows:
-                day, before = day - timedelta(days=1), datetime.max.replace(tzinfo=UTC)
-                continue
-            stored = self._tasks.get_many(TaskKey(tenant, task_id) for _, task_id in rows)
-            for (create_time, _), item in zip(rows, stored, strict=True):
-                before = create_time
-                if item is not None and task_filter.matches(item.record.task):
-                    found.append(shape(item.record.task, view))
-                    if len(found) == page_size:
-                        break
-        more = len(found) == page_size and day >= oldest
-        return tasks_pb2.ListTasksResponse(
-            tasks=found, next_page_token=_encode_token(day, before) if more else "")
+        for position, item in scan_tasks(self._lifecycle, current_tenant.get(), task_filter,
+                                         _decode_token(request.page_token), batch=page_size * 2):
+            found.append(shape(item.record.task, view))
+            if len(found) == page_size:
+                return tasks_pb2.ListTasksResponse(tasks=found,
+                                                   next_page_token=_encode_token(position))
+        return tasks_pb2.ListTasksResponse(tasks=found)
+
+    def CancelTask(self, request, context):
+        if len(request.reason) > 256:
+            raise InvalidArgument({"reason": "at most 256 characters"})
+        stored = self._get(request.task_id)
+        after, _ = self._control.cancel(stored, reason=request.reason or "cancelled by a caller")
+        return shape(after.record.task, View.TASK_VIEW_BASIC)
+
+    def DeleteTask(self, request, context):
+        self._control.delete(self._get(request.task_id))
+        return empty_pb2.Empty()
+
+    def BatchCancelTasks(self, request, context):
+        return self._start_batch(request, Kind.OPERATION_KIND_CANCEL_TASKS, "BatchCancelTasks")
+
+    def BatchDeleteTasks(self, request, context):
+        return self._start_batch(request, Kind.OPERATION_KIND_DELETE_TASKS, "BatchDeleteTasks")
+
+    def _start_batch(self, request, kind: int, method: str):
+        if not request.filter.strip():
+            raise InvalidArgument({"filter": "required; e.g. function = \"resize\""})
+        TaskFilter.parse(request.filter)  # a bad filter fails the call, not the operation
+        return self._operations.start(current_tenant.get(), new_operation(
+            current_tenant.get(), kind, f"{method} {request.filter}", filter=request.filter,
+            items_per_second=self._batch_rate), request_id=request.request_id)
+
+    def _get(self, task_id: str) -> StoredTask:
+        if not task_id:
+            raise InvalidArgument({"task_id": "required"})
+        stored = self._tasks.get(current_tenant.get(), task_id)
+        if stored is None:
+            raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
+        return stored
 
     def WatchTask(self, request, context):
-        if not request.task_id:
-            raise InvalidArgument({"task_id": "required"})
+        self._get(request.task_id)
         tenant = current_tenant.get()
-        if self._tasks.get(tenant, request.task_id) is None:
-            raise NotFound(f"task {request.task_id!r} not found", reason="TASK_NOT_FOUND")
         remaining = context.time_remaining()  # about 9.2e18 when the caller set no deadline
         events = self._notifier.WatchTask(
             notifier_pb2.WatchTaskRequest(tenant_id=tenant, task_id=request.task_id),
@@ -119,19 +144,18 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
             yield tasks_pb2.WatchTaskResponse(stage=stage, task=task)
 
 
-def _encode_token(day: date, before: datetime) -> str:
-    raw = json.dumps({"day": day.isoformat(), "before": before.isoformat()})
+def _encode_token(position: ScanPosition) -> str:
+    raw = json.dumps({"day": position.day.isoformat(), "before": position.before.isoformat()})
     return base64.urlsafe_b64encode(raw.encode()).decode()
 
 
-def _decode_token(token: str) -> tuple[date, datetime]:
+def _decode_token(token: str) -> ScanPosition:
     if not token:
-        return now_utc().date(), datetime.max.replace(tzinfo=UTC)
+        return ScanPosition.start()
     try:
         raw = json.loads(base64.urlsafe_b64decode(token.encode()))
         before = datetime.fromisoformat(raw["before"])
-        return date.fromisoformat(raw["day"]), before.replace(tzinfo=before.tzinfo or UTC)
+        return ScanPosition(date.fromisoformat(raw["day"]),
+                            before.replace(tzinfo=before.tzinfo or UTC))
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidArgument({"page_token": "not a token this API returned"}) from exc
-
-

@@ -75,17 +75,6 @@ def test_a_wrong_api_key_is_unauthenticated(suite, key):
     assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_an_authenticated_call_to_an_unbuilt_rpc_is_unimplemented_by_name(suite, tenant):
-    _, api_key = tenant
-    with grpc.insecure_channel(suite.address("gateway")) as channel:
-        stub = tasks_pb2_grpc.TaskServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as raised:
-            stub.CancelTask(tasks_pb2.CancelTaskRequest(task_id="t1"), timeout=5,
-                            metadata=[("authorization", f"Bearer {api_key}")])
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "weir.v1.TaskService/CancelTask" in raised.value.details()
-
-
 def test_internal_rpcs_validate_their_requests(suite):
     with (grpc.insecure_channel(suite.address("router")) as channel,
           pytest.raises(grpc.RpcError) as raised):

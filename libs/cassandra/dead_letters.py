@@ -1,0 +1,87 @@
+"""Dead letters in Cassandra: tasks that failed for good, by task and newest first."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from cassandra.cluster import Session
+from weir.storage.v1 import records_pb2
+from weir.v1 import dead_letters_pb2
+
+from libs.cassandra.tasks import timestamp_of
+
+
+@dataclass(frozen=True)
+class DeadLetterRow:
+    """A listing row: enough to filter without reading the dead letter."""
+
+    dead_letter_time: datetime
+    task_id: str
+    function: str
+    error_class: int
+
+
+def dead_letter_of(record: records_pb2.TaskRecord, *, when: datetime
+                   ) -> dead_letters_pb2.DeadLetter:
+    task = record.task
+    last = task.attempts[-1] if task.attempts else None
+    return dead_letters_pb2.DeadLetter(
+        task_id=task.task_id, function=task.function, payload=task.payload,
+        dead_letter_time=timestamp_of(when), last_status=task.last_status,
+        error_class=last.error_class if last else 0, attempts=task.attempts,
+        redrive_count=record.redrive_count)
+
+
+class DeadLetterStore:
+    def __init__(self, session: Session) -> None:
+        self._session = session
+        p = session.prepare
+        self._insert = p("INSERT INTO dead_letters (tenant_id, task_id, dead_letter_time, record) "
+                         "VALUES (?, ?, ?, ?)")
+        self._insert_by_time = p(
+            "INSERT INTO dead_letters_by_time (tenant_id, dead_letter_time, task_id, function, "
+            "error_class) VALUES (?, ?, ?, ?, ?)")
+        self._select = p("SELECT record FROM dead_letters WHERE tenant_id = ? AND task_id = ?")
+        columns = ("SELECT dead_letter_time, task_id, function, error_class "
+                   "FROM dead_letters_by_time")
+        self._list_first = p(f"{columns} WHERE tenant_id = ? LIMIT ?")
+        self._list_same_time = p(f"{columns} WHERE tenant_id = ? AND dead_letter_time = ? "
+                                 "AND task_id > ? LIMIT ?")
+        self._list_older = p(f"{columns} WHERE tenant_id = ? AND dead_letter_time < ? LIMIT ?")
+        self._delete = p("DELETE FROM dead_letters WHERE tenant_id = ? AND task_id = ?")
+        self._delete_by_time = p("DELETE FROM dead_letters_by_time WHERE tenant_id = ? "
+                                 "AND dead_letter_time = ? AND task_id = ?")
+
+    def put(self, record: records_pb2.TaskRecord, *, when: datetime) -> None:
+        """Files a failed task; idempotent for the same ``when``."""
+        letter = dead_letter_of(record, when=when)
+        stored = records_pb2.DeadLetterRecord(tenant_id=record.tenant_id, dead_letter=letter)
+        when = letter.dead_letter_time.ToDatetime(tzinfo=UTC)
+        self._session.execute(self._insert_by_time, (
+            record.tenant_id, when, letter.task_id, letter.function, letter.error_class))
+        self._session.execute(self._insert, (record.tenant_id, letter.task_id, when,
+                                             stored.SerializeToString()))
+
+    def get(self, tenant_id: str, task_id: str) -> dead_letters_pb2.DeadLetter | None:
+        row = self._session.execute(self._select, (tenant_id, task_id)).one()
+        return records_pb2.DeadLetterRecord.FromString(row.record).dead_letter if row else None
+
+    def page(self, tenant_id: str, *, after: tuple[datetime, str] | None, limit: int
+             ) -> list[DeadLetterRow]:
+        """Listing rows newest first, after ``after`` (the last row of the previous page)."""
+        if after is None:
+            rows = list(self._session.execute(self._list_first, (tenant_id, limit)))
+        else:
+            rows = list(self._session.execute(self._list_same_time,
+                                              (tenant_id, after[0], after[1], limit)))
+            if len(rows) < limit:
+                rows += self._session.execute(self._list_older,
+                                              (tenant_id, after[0], limit - len(rows)))
+        return [DeadLetterRow(r.dead_letter_time.replace(tzinfo=UTC), r.task_id, r.function,
+                              r.error_class) for r in rows]
+
+    def remove(self, letter: dead_letters_pb2.DeadLetter, tenant_id: str) -> None:
+        self._session.execute(self._delete_by_time, (
+            tenant_id, letter.dead_letter_time.ToDatetime(tzinfo=UTC), letter.task_id))
+        self._session.execute(self._delete, (tenant_id, letter.task_id))

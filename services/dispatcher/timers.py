@@ -1,0 +1,133 @@
+"""Firing timers: delayed starts, retries after backoff, expiries.
+
+Every dispatcher polls every shard; the task row's compare-and-set decides which dispatcher's
+firing takes effect, so no single instance is assumed and a dead one is not missed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, timedelta
+
+from weir.storage.v1 import records_pb2
+from weir.v1 import tasks_pb2
+
+from libs.cassandra.tasks import StoredTask, now_utc
+from libs.cassandra.timers import MINUTE, SHARDS, Timer, TimerStore, minute_of, to_millis
+from libs.lifecycle import Lifecycle
+
+log = logging.getLogger(__name__)
+
+State = tasks_pb2.TaskState
+Kind = records_pb2.TimerKind
+
+
+class TimerPoller:
+    """Reads the timers due within ``lookahead`` and fires each when it is due.
+
+    `poll` (called periodically) reads each shard from its cursor's minute to the lookahead;
+    a scheduling thread waits for the earliest due timer and hands it to a pool. A fired timer
+    is deleted; a shard's cursor moves past a minute once that minute is over and empty.
+    """
+
+    def __init__(self, *, timers: TimerStore, fire: Callable[[Timer], None],
+                 lookahead: timedelta = timedelta(seconds=1), threads: int = 8) -> None:
+        self._timers = timers
+        self._fire = fire
+        self._lookahead = lookahead
+        self._heap: list[tuple[float, int, Timer]] = []
+        self._known: set[Timer] = set()  # waiting in the heap or firing
+        self._count = 0
+        self._changed = threading.Condition()
+        self._stopping = False
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="timer")
+        self._thread = threading.Thread(target=self._schedule, name="timer-schedule",
+                                        daemon=True)
+
+    def start(self) -> TimerPoller:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        self._thread.join(5)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def poll(self) -> int:
+        """Reads the timers due soon into the schedule; returns how many were new."""
+        now = now_utc()
+        until = now + self._lookahead
+        new = 0
+        for shard in range(SHARDS):
+            minute = self._timers.cursor(shard)
+            contiguous_empty = True
+            while minute <= minute_of(until):
+                due = self._timers.due(shard, minute, until=until)
+                new += sum(self._add(t) for t in due)
+                if due or minute + MINUTE > now:
+                    contiguous_empty = False
+                elif contiguous_empty:
+                    self._timers.advance(shard, minute + MINUTE)
+                minute += MINUTE
+        return new
+
+    def _add(self, timer: Timer) -> bool:
+        with self._changed:
+            if timer in self._known:
+                return False
+            self._known.add(timer)
+            self._count += 1
+            heapq.heappush(self._heap, (timer.due_time.timestamp(), self._count, timer))
+            self._changed.notify_all()
+            return True
+
+    def _schedule(self) -> None:
+        with self._changed:
+            while not self._stopping:
+                now = now_utc().timestamp()
+                while self._heap and self._heap[0][0] <= now:
+                    self._pool.submit(self._run, heapq.heappop(self._heap)[2])
+                self._changed.wait(self._heap[0][0] - now if self._heap else None)
+
+    def _run(self, timer: Timer) -> None:
+        try:
+            self._fire(timer)
+            self._timers.delete(timer)
+        except Exception:
+            log.exception("a timer could not fire; it will be tried again", extra={
+                "task_id": timer.task_id})
+        finally:
+            with self._changed:
+                self._known.discard(timer)
+
+
+class TimerFirer:
+    """What a due timer does to its task."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
+
+    def __call__(self, timer: Timer) -> None:
+        stored = self._lifecycle.tasks.get(timer.tenant_id, timer.task_id)
+        if timer.kind == Kind.TIMER_KIND_EXPIRE or (stored and _expired(stored)):
+            self._lifecycle.end(stored, state=State.TASK_STATE_EXPIRED,
+                                detail="its expire_time passed before it could start")
+            return
+
+        def still_due(current: StoredTask) -> bool:
+            next_run = current.record.next_run_time.ToDatetime(tzinfo=UTC)
+            return (current.state in (State.TASK_STATE_SCHEDULED, State.TASK_STATE_RETRY_WAIT)
+                    and to_millis(next_run) == timer.due_time)
+
+        self._lifecycle.queue(stored, detail="due", ready=still_due)
+
+
+def _expired(stored: StoredTask) -> bool:
+    task = stored.record.task
+    return task.HasField("expire_time") and task.expire_time.ToDatetime(tzinfo=UTC) <= now_utc()

@@ -1,0 +1,83 @@
+"""DeadLetterService and OperationService: the failed-for-good tasks and the long-running
+operations that act on many tasks. Proto <-> engine translation only."""
+
+from __future__ import annotations
+
+from weir.storage.v1 import records_pb2
+from weir.v1 import dead_letters_pb2, dead_letters_pb2_grpc, operations_pb2_grpc
+
+from libs.cassandra.dead_letters import DeadLetterStore
+from libs.errors import InvalidArgument, NotFound
+from services.gateway.auth import current_tenant
+from services.gateway.filters import DeadLetterFilter
+from services.gateway.operations import OperationStarter, decode_mark, encode_mark, new_operation
+
+Kind = records_pb2.OperationKind
+MAX_REDRIVE_IDS = 1000
+
+
+class DeadLetterHandler(dead_letters_pb2_grpc.DeadLetterServiceServicer):
+    def __init__(self, *, dead_letters: DeadLetterStore, operations: OperationStarter) -> None:
+        self._dead_letters = dead_letters
+        self._operations = operations
+
+    def ListDeadLetters(self, request, context):
+        if not 0 <= request.page_size <= 1000:
+            raise InvalidArgument({"page_size": "between 0 and 1,000"})
+        letter_filter = DeadLetterFilter.parse(request.filter)
+        size = request.page_size or 100
+        tenant = current_tenant.get()
+        after = decode_mark(request.page_token)
+        found: list[dead_letters_pb2.DeadLetter] = []
+        while len(found) < size:
+            rows = self._dead_letters.page(tenant, after=after, limit=size * 2)
+            if not rows:
+                return dead_letters_pb2.ListDeadLettersResponse(dead_letters=found)
+            for row in rows:
+                after = (row.dead_letter_time, row.task_id)
+                letter = self._dead_letters.get(tenant, row.task_id) \
+                    if letter_filter.matches(row) else None
+                if letter is not None:
+                    found.append(letter)
+                    if len(found) == size:
+                        break
+        return dead_letters_pb2.ListDeadLettersResponse(dead_letters=found,
+                                                        next_page_token=encode_mark(after))
+
+    def GetDeadLetter(self, request, context):
+        if not request.task_id:
+            raise InvalidArgument({"task_id": "required"})
+        letter = self._dead_letters.get(current_tenant.get(), request.task_id)
+        if letter is None:
+            raise NotFound(f"task {request.task_id!r} is not in the dead letters",
+                           reason="DEAD_LETTER_NOT_FOUND")
+        return letter
+
+    def RedriveDeadLetters(self, request, context):
+        if bool(request.task_ids) == bool(request.filter.strip()):
+            raise InvalidArgument({"task_ids": "set exactly one of task_ids and filter"})
+        if len(request.task_ids) > MAX_REDRIVE_IDS:
+            raise InvalidArgument({"task_ids": f"at most {MAX_REDRIVE_IDS}"})
+        if not 0 <= request.max_redrives_per_second <= 10_000:
+            raise InvalidArgument({"max_redrives_per_second": "between 0 (100) and 10,000"})
+        DeadLetterFilter.parse(request.filter)
+        tenant = current_tenant.get()
+        what = (f"{len(request.task_ids)} tasks" if request.task_ids else request.filter)
+        record = new_operation(
+            tenant, Kind.OPERATION_KIND_REDRIVE_DEAD_LETTERS, f"RedriveDeadLetters {what}",
+            filter=request.filter, task_ids=request.task_ids,
+            payload_override=request.payload_override
+            if request.HasField("payload_override") else None,
+            items_per_second=request.max_redrives_per_second or 100)
+        return self._operations.start(tenant, record, request_id=request.request_id)
+
+
+class OperationHandler(operations_pb2_grpc.OperationServiceServicer):
+    def __init__(self, operations: OperationStarter) -> None:
+        self._operations = operations
+
+    def GetOperation(self, request, context):
+        return self._operations.get(current_tenant.get(), request.name)
+
+    def CancelOperation(self, request, context):
+        return self._operations.cancel(current_tenant.get(), request.name)
