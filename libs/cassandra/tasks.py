@@ -133,9 +133,10 @@ class TaskStore:
             "SELECT tenant_id, task_id, lease_id, expire_time FROM leases WHERE bucket = ?")
         self._select_unqueued = p(
             "SELECT tenant_id, task_id, create_time FROM unqueued_tasks WHERE bucket = ?")
-        self._select_by_day = p(
-            "SELECT create_time, task_id FROM tasks_by_day WHERE tenant_id = ? AND day = ? "
-            "AND create_time < ? LIMIT ?")
+        listing = "SELECT create_time, task_id FROM tasks_by_day WHERE tenant_id = ? AND day = ? "
+        self._select_by_day = p(listing + "AND create_time < ? LIMIT ?")
+        self._select_by_day_from = p(listing + "AND create_time <= ? LIMIT ?")
+        self._select_by_day_same_time = p(listing + "AND create_time = ? AND task_id > ? LIMIT ?")
 
     # --- creation and queueing (gateway) -------------------------------------------------
 
@@ -229,10 +230,22 @@ class TaskStore:
         stages = [records_pb2.TaskEvent.FromString(r.event).stage for r in rows]
         return sorted(stages, key=lambda s: (s.time.seconds, s.time.nanos))
 
-    def list_page(self, tenant_id: str, *, day, before: datetime, limit: int) -> list[tuple]:
-        """(create_time, task_id) of one day-partition, newest first, created before ``before``."""
-        return [(r.create_time, r.task_id) for r in self._session.execute(
-            self._select_by_day, (tenant_id, day, before, limit))]
+    def list_page(self, tenant_id: str, *, day, before: datetime, after_task_id: str,
+                  limit: int) -> list[tuple]:
+        """(create_time, task_id) of one day-partition, newest first, from the position
+        (``before``, ``after_task_id``) on: rows listed after it, i.e. created at ``before`` with
+        a larger task ID (a batch's tasks share one creation time), then created earlier.
+        Without ``after_task_id``, from ``before`` itself on."""
+        if not after_task_id:
+            rows = list(self._session.execute(self._select_by_day_from,
+                                              (tenant_id, day, before, limit)))
+        else:
+            rows = list(self._session.execute(self._select_by_day_same_time,
+                                              (tenant_id, day, before, after_task_id, limit)))
+            if len(rows) < limit:
+                rows += self._session.execute(self._select_by_day,
+                                              (tenant_id, day, before, limit - len(rows)))
+        return [(r.create_time, r.task_id) for r in rows]
 
     # --- leases (dispatcher, executor-manager) ---------------------------------------------
 

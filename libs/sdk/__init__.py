@@ -12,7 +12,14 @@
 """
 
 from libs.sdk.client import Client, TaskFailed
-from libs.sdk.handlers import NonRetryableError, RetryableError, ThrottledError, task
+from libs.sdk.handlers import (
+                               Attempt,
+                               NonRetryableError,
+                               RetryableError,
+                               ThrottledError,
+                               current_attempt,
+                               task,
+)
 
-__all__ = ["Client", "NonRetryableError", "RetryableError", "TaskFailed", "ThrottledError",
-           "task"]
+__all__ = ["Attempt", "Client", "NonRetryableError", "RetryableError", "TaskFailed",
+           "ThrottledError", "current_attempt", "task"]

@@ -3,11 +3,46 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 Handler = Callable[[bytes], Any]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The attempt a handler is running, from `current_attempt()`."""
+
+    tenant_id: str
+    task_id: str
+    function: str
+    attempt_number: int  # 1 for the first attempt, then 2, 3, ...
+    deadline: datetime | None  # when the function's timeout stops it
+
+
+_current: ContextVar[Attempt | None] = ContextVar("weir_attempt", default=None)
+
+
+@contextmanager
+def running(attempt: Attempt | None) -> Iterator[None]:
+    """Makes ``attempt`` the `current_attempt()` while a handler runs (the worker runtime)."""
+    token = _current.set(attempt)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def current_attempt() -> Attempt:
+    """The attempt being run, inside a handler (e.g. to act differently on a retry)."""
+    attempt = _current.get()
+    if attempt is None:
+        raise RuntimeError("current_attempt() is only available inside a running handler")
+    return attempt
 
 
 def task(fn: Handler) -> Handler:

@@ -14,6 +14,7 @@ import signal
 import threading
 import traceback
 from concurrent import futures
+from datetime import UTC
 
 import grpc
 from google.protobuf import duration_pb2
@@ -21,7 +22,7 @@ from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from weir.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
-from libs.sdk.handlers import Handler, HandlerError, encode_result, load_handler
+from libs.sdk.handlers import Attempt, Handler, HandlerError, encode_result, load_handler, running
 
 ErrorClass = common_pb2.ErrorClass
 CLASSES = {"NON_RETRYABLE": ErrorClass.ERROR_CLASS_NON_RETRYABLE,
@@ -32,10 +33,12 @@ CODES = {"NON_RETRYABLE": code_pb2.FAILED_PRECONDITION, "RETRYABLE": code_pb2.UN
 MAX_TRACEBACK = 16 * 1024
 
 
-def run_handler(handler: Handler, payload: bytes) -> worker_pb2.ExecuteResponse:
+def run_handler(handler: Handler, payload: bytes, attempt: Attempt | None = None
+                ) -> worker_pb2.ExecuteResponse:
     """Calls a handler and turns what it returned or raised into the attempt's outcome."""
     try:
-        return worker_pb2.ExecuteResponse(result=encode_result(handler(payload)))
+        with running(attempt):
+            return worker_pb2.ExecuteResponse(result=encode_result(handler(payload)))
     except HandlerError as exc:
         error = worker_pb2.HandlerError(
             error_class=CLASSES[exc.error_class],
@@ -76,7 +79,11 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
                 except (ImportError, AttributeError, ValueError) as exc:
                     context.abort(grpc.StatusCode.NOT_FOUND,
                                   f"cannot load handler {request.handler!r}: {exc}")
-            return run_handler(handler, request.payload)
+            return run_handler(handler, request.payload, Attempt(
+                tenant_id=request.tenant_id, task_id=request.task_id, function=request.function,
+                attempt_number=request.attempt_number,
+                deadline=request.deadline.ToDatetime(tzinfo=UTC)
+                if request.HasField("deadline") else None))
         finally:
             self._busy.release()
 

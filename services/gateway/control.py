@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,16 +31,29 @@ LIST_DAYS = 31  # how far back listings and batch operations look
 
 @dataclass(frozen=True)
 class ScanPosition:
-    """Where a newest-first scan of a tenant's tasks stands: the day-partition, and the
-    creation time below which it continues."""
+    """Where a newest-first scan of a tenant's tasks stands: the day-partition, and the last
+    (creation time, task ID) listed (no task ID: nothing listed at that time yet)."""
 
     day: date
     before: datetime
+    after_task_id: str = ""
 
     @classmethod
     def start(cls, before: datetime | None = None) -> ScanPosition:
         before = before or datetime.max.replace(tzinfo=UTC)
         return cls(min(before.date(), now_utc().date()), before)
+
+    def to_json(self) -> str:
+        return json.dumps({"day": self.day.isoformat(), "before": self.before.isoformat(),
+                           "after": self.after_task_id})
+
+    @classmethod
+    def from_json(cls, raw: str) -> ScanPosition:
+        """Raises ValueError (or KeyError, TypeError) when ``raw`` is not `to_json`'s."""
+        fields = json.loads(raw)
+        before = datetime.fromisoformat(fields["before"])
+        return cls(date.fromisoformat(fields["day"]), before.replace(tzinfo=before.tzinfo or UTC),
+                   str(fields.get("after", "")))
 
 
 def scan_tasks(lifecycle: Lifecycle, tenant_id: str, task_filter: TaskFilter,
@@ -48,17 +62,18 @@ def scan_tasks(lifecycle: Lifecycle, tenant_id: str, task_filter: TaskFilter,
     """The tenant's tasks matching the filter, newest first, each with the position after it."""
     tasks = lifecycle.tasks
     oldest = now_utc().date() - timedelta(days=LIST_DAYS)
-    day, before = position.day, position.before
+    day, before, after = position.day, position.before, position.after_task_id
     while day >= oldest:
-        rows = tasks.list_page(tenant_id, day=day, before=before, limit=batch)
+        rows = tasks.list_page(tenant_id, day=day, before=before, after_task_id=after,
+                               limit=batch)
         if not rows:
-            day, before = day - timedelta(days=1), datetime.max.replace(tzinfo=UTC)
+            day, before, after = day - timedelta(days=1), datetime.max.replace(tzinfo=UTC), ""
             continue
         found = tasks.get_many(TaskKey(tenant_id, task_id) for _, task_id in rows)
-        for (create_time, _), item in zip(rows, found, strict=True):
-            before = create_time.replace(tzinfo=UTC)
+        for (create_time, task_id), item in zip(rows, found, strict=True):
+            before, after = create_time.replace(tzinfo=UTC), task_id
             if item is not None and task_filter.matches(item.record.task):
-                yield ScanPosition(day, before), item
+                yield ScanPosition(day, before, after), item
 
 
 class TaskControl:

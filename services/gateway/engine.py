@@ -186,8 +186,8 @@ class Submitter:
             client_task_id=bool(given.task_id), handler=function.handler, topic=route.topic,
             partition=random.choice(list(route.partitions)))
         if given.HasField("schedule_time") and given.schedule_time.ToDatetime(tzinfo=UTC) > now:
-            task.schedule_time.CopyFrom(given.schedule_time)
-            task.state = State.TASK_STATE_SCHEDULED
+            record.task.schedule_time.CopyFrom(given.schedule_time)
+            record.task.state = State.TASK_STATE_SCHEDULED
             record.next_run_time.CopyFrom(timestamp_of(to_millis(
                 given.schedule_time.ToDatetime(tzinfo=UTC))))
         return record

@@ -211,16 +211,13 @@ class OperationRunner:
     def _task_items(self, record: records_pb2.OperationRecord) -> Iterator[Item]:
         task_filter = TaskFilter.parse(record.filter)
         if record.cursor:
-            raw = json.loads(record.cursor)
-            position = ScanPosition(datetime.fromisoformat(raw["day"]).date(),
-                                    datetime.fromisoformat(raw["before"]))
+            position = ScanPosition.from_json(record.cursor)
         else:  # tasks created after the operation are not its business
             position = ScanPosition.start(record.operation.create_time.ToDatetime(tzinfo=UTC))
         delete = record.kind == Kind.OPERATION_KIND_DELETE_TASKS
         for after, stored in scan_tasks(self._lifecycle, record.tenant_id, task_filter,
                                         position):
-            cursor = json.dumps({"day": after.day.isoformat(),
-                                 "before": after.before.isoformat()})
+            cursor = after.to_json()
             if delete:
                 yield cursor, lambda s=stored: self._control.delete(s)
             else:

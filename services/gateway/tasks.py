@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
-from datetime import UTC, date, datetime
 
 import grpc
 from google.protobuf import empty_pb2
@@ -145,17 +143,13 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
 
 
 def _encode_token(position: ScanPosition) -> str:
-    raw = json.dumps({"day": position.day.isoformat(), "before": position.before.isoformat()})
-    return base64.urlsafe_b64encode(raw.encode()).decode()
+    return base64.urlsafe_b64encode(position.to_json().encode()).decode()
 
 
 def _decode_token(token: str) -> ScanPosition:
     if not token:
         return ScanPosition.start()
     try:
-        raw = json.loads(base64.urlsafe_b64decode(token.encode()))
-        before = datetime.fromisoformat(raw["before"])
-        return ScanPosition(date.fromisoformat(raw["day"]),
-                            before.replace(tzinfo=before.tzinfo or UTC))
+        return ScanPosition.from_json(base64.urlsafe_b64decode(token.encode()))
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidArgument({"page_token": "not a token this API returned"}) from exc
