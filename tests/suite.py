@@ -59,11 +59,15 @@ class Suite:
         for name in SERVICES:
             self.wait_serving(name)
 
-    def launch(self, name: str, **env: str) -> None:
-        """Starts one service process (again) on its port."""
+    def launch(self, name: str, *, module: str = "", **env: str) -> None:
+        """Starts one service process (again) on its port. ``module`` runs a second instance
+        of a service under another name (e.g. a second executor-manager)."""
         log_path = self.log_dir / f"{name}.log"
-        process = subprocess.Popen([sys.executable, "-m", f"services.{name}"], cwd=ROOT,
-                                   env=self.env(**env), stdout=log_path.open("ab"),
+        if module:
+            self.ports.setdefault(name, free_port())
+            env = {f"WEIR_{module.upper()}_PORT": str(self.ports[name]), **env}
+        process = subprocess.Popen([sys.executable, "-m", f"services.{module or name}"],
+                                   cwd=ROOT, env=self.env(**env), stdout=log_path.open("ab"),
                                    stderr=subprocess.STDOUT)
         self.services[name] = RunningService(name, f"127.0.0.1:{self.ports[name]}", process,
                                              log_path)
@@ -86,6 +90,19 @@ class Suite:
     def restart(self, name: str, **env: str) -> None:
         self.launch(name, **env)
         self.wait_serving(name)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP: the process is frozen, sockets open — a zombie in the making."""
+        self.services[name].process.send_signal(signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        self.services[name].process.send_signal(signal.SIGCONT)
+
+    def terminate(self, name: str) -> int:
+        """SIGTERM one service and wait for it; returns its exit code."""
+        process = self.services.pop(name).process
+        process.send_signal(signal.SIGTERM)
+        return process.wait(timeout=30)
 
     def stop(self) -> dict[str, int]:
         """SIGTERM every service; returns their exit codes."""

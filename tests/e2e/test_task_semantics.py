@@ -168,6 +168,44 @@ def test_a_hundred_concurrent_creates_with_one_task_id_make_one_task(suite, tena
             client.create_task("echo", b"again", task_id=task_id)
 
 
+def test_a_zombie_executors_late_result_is_rejected(suite, cassandra, tenant):
+    """An executor frozen mid-attempt (SIGSTOP) loses its lease; the task runs elsewhere; when
+    the zombie thaws, its result is fenced out: exactly one success is recorded."""
+    tenant_id, api_key = tenant
+    store = TaskStore(cassandra, service="test")
+    suite.launch("executor_manager_2", module="executor_manager")
+    suite.wait_serving("executor_manager_2")
+    frozen = None
+    try:
+        with suite.client(api_key) as client:
+            name = unique("sleepy").replace("_", "-")
+            client.create_function(name, "examples.demo:sleep",
+                                   retry_config=common_pb2.RetryConfig(min_backoff=seconds(0.1)))
+            task = client.create_task(name, b"4000")
+            eventually(lambda: client.get_task(task.task_id).state == State.TASK_STATE_RUNNING,
+                       timeout=60, message="the task running")
+            address = store.get(tenant_id, task.task_id).executor_address
+            frozen = next(n for n in ("executor_manager", "executor_manager_2")
+                          if suite.address(n) == address)
+            suite.pause(frozen)
+            done = wait(client, task.task_id, timeout=60)
+            suite.resume(frozen)
+            log = suite.services[frozen].log_path
+            eventually(lambda: "late result rejected" in log.read_text(), timeout=30,
+                       message="the zombie's result rejected")
+            frozen = None
+            final = client.get_task(task.task_id)
+    finally:
+        if frozen:
+            suite.resume(frozen)
+        suite.terminate("executor_manager_2")
+    assert done.state == State.TASK_STATE_SUCCEEDED
+    assert [a.exit_reason for a in final.attempts] == [Exit.EXIT_REASON_LEASE_LOST,
+                                                       Exit.EXIT_REASON_RETURNED]
+    assert [s.state for s in final.stages].count(State.TASK_STATE_SUCCEEDED) == 1
+    assert final.attempts == done.attempts  # the zombie changed nothing
+
+
 def test_a_retried_create_with_a_request_id_returns_the_first_task(suite, tenant):
     _, api_key = tenant
     request_id = unique("request")

@@ -1,12 +1,15 @@
-"""Pure rules of the gateway: request validation and the ListTasks filter."""
+"""Pure rules of the gateway: request validation and the list filters."""
+
+from datetime import UTC, datetime
 
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-from weir.v1 import functions_pb2, tasks_pb2
+from weir.v1 import common_pb2, functions_pb2, tasks_pb2
 
+from libs.cassandra.dead_letters import DeadLetterRow
 from libs.errors import InvalidArgument
 from services.gateway import validation
-from services.gateway.filters import TaskFilter
+from services.gateway.filters import DeadLetterFilter, TaskFilter
 
 
 def create(**task) -> tasks_pb2.CreateTaskRequest:
@@ -70,3 +73,15 @@ def test_a_filter_that_cannot_be_read_is_invalid_argument(text):
     with pytest.raises(InvalidArgument) as raised:
         TaskFilter.parse(text)
     assert "filter" in raised.value.violations
+
+
+def test_the_dead_letter_filter_reads_listing_rows():
+    row = DeadLetterRow(datetime(2026, 11, 25, 10, tzinfo=UTC), "t1", "resize",
+                        common_pb2.ErrorClass.ERROR_CLASS_NON_RETRYABLE)
+    f = DeadLetterFilter.parse('function = "resize" AND error_class = ERROR_CLASS_NON_RETRYABLE '
+                               'AND dead_letter_time >= "2026-11-25T00:00:00Z"')
+    assert f.matches(row)
+    assert not DeadLetterFilter.parse("error_class = ERROR_CLASS_THROTTLED").matches(row)
+    for bad in ("state = TASK_STATE_FAILED", "error_class = LOUD", "dead_letter_time > soon"):
+        with pytest.raises(InvalidArgument):
+            DeadLetterFilter.parse(bad)
