@@ -84,6 +84,7 @@ test: venv proto tools ## Run every test against real Kafka and Cassandra (stops
 bench: run ## Benchmarks (not tests): figures into bench-results/, see docs/benchmarks.md.
 	$(PY) -m benchmarks.engines
 	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.semantics
 
 clean: ## Remove generated code and local state (stops everything first).
 	-$(MAKE) --no-print-directory stop

@@ -17,7 +17,7 @@ from cassandra.cluster import Session
 from weir.storage.v1 import records_pb2
 from weir.v1 import tasks_pb2
 
-from libs.cassandra.dead_letters import DeadLetterStore
+from libs.cassandra.dead_letters import DeadLetterStore, dead_letter_of
 from libs.cassandra.tasks import StoredTask, TaskStore, now_utc, timestamp_of
 from libs.cassandra.timers import Timer, TimerStore, to_millis
 from libs.kafka.client import Producer, Record
@@ -82,10 +82,16 @@ class Lifecycle:
                 due = to_millis(now + decision.delay)
                 record.next_run_time.CopyFrom(timestamp_of(due))
                 self._timers.add([Timer(record.tenant_id, task.task_id, due, Kind.TIMER_KIND_RUN)])
-        if not self.tasks.finish(record, state=state, lease_id=lease_id, detail=detail):
-            return None
+        # A dead letter is filed before the task shows FAILED, so whoever sees FAILED finds
+        # it; if the lease turns out lost, it is taken back.
+        failed_at = attempt.end_time.ToDatetime(tzinfo=UTC)
         if state == State.TASK_STATE_FAILED:
-            self._dead_letters.put(record, when=attempt.end_time.ToDatetime(tzinfo=UTC))
+            self._dead_letters.put(record, when=failed_at)
+        if not self.tasks.finish(record, state=state, lease_id=lease_id, detail=detail):
+            if state == State.TASK_STATE_FAILED:
+                self._dead_letters.remove(dead_letter_of(record, when=failed_at),
+                                          record.tenant_id)
+            return None
         self.publish(record, state=state, attempt=attempt, lease_id=str(lease_id))
         return state
 

@@ -11,6 +11,8 @@
     done = client.wait(task.task_id)
 """
 
+from weir.v1.tasks_pb2 import TaskState
+
 from libs.sdk.client import Client, TaskFailed
 from libs.sdk.handlers import (
                                Attempt,
@@ -22,4 +24,4 @@ from libs.sdk.handlers import (
 )
 
 __all__ = ["Attempt", "Client", "NonRetryableError", "RetryableError", "TaskFailed",
-           "ThrottledError", "current_attempt", "task"]
+           "TaskState", "ThrottledError", "current_attempt", "task"]

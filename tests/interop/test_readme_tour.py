@@ -42,4 +42,5 @@ def test_the_tour_block_runs_as_written(suite, checkout_like, kind, code):
     else:
         lines = result.stdout.splitlines()
         assert lines[0] == "b'hello from the SDK'"
-        assert "boom" in lines
+        assert "boom" in lines and "b'boom'" in lines
+        assert lines[-3] == "TASK_STATE_SCHEDULED" and lines[-1] == "TASK_STATE_CANCELLED"
