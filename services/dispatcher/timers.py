@@ -9,9 +9,10 @@ from __future__ import annotations
 import heapq
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 
 from weir.storage.v1 import records_pb2
 from weir.v1 import tasks_pb2
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 State = tasks_pb2.TaskState
 Kind = records_pb2.TimerKind
+CURSOR_REFRESH_SECONDS = 10.0
 
 
 class TimerPoller:
@@ -37,6 +39,8 @@ class TimerPoller:
     def __init__(self, *, timers: TimerStore, fire: Callable[[Timer], None],
                  lookahead: timedelta = timedelta(seconds=1), threads: int = 8) -> None:
         self._timers = timers
+        self._cursors: dict[int, datetime] = {}
+        self._cursors_read_at = -CURSOR_REFRESH_SECONDS
         self._fire = fire
         self._lookahead = lookahead
         self._heap: list[tuple[float, int, Timer]] = []
@@ -64,8 +68,12 @@ class TimerPoller:
         now = now_utc()
         until = now + self._lookahead
         new = 0
+        if time.monotonic() >= self._cursors_read_at + CURSOR_REFRESH_SECONDS:
+            # Other dispatchers move the cursors too; an older one only costs a few reads.
+            self._cursors = {shard: self._timers.cursor(shard) for shard in range(SHARDS)}
+            self._cursors_read_at = time.monotonic()
         for shard in range(SHARDS):
-            minute = self._timers.cursor(shard)
+            minute = self._cursors[shard]
             contiguous_empty = True
             while minute <= minute_of(until):
                 due = self._timers.due(shard, minute, until=until)
@@ -74,6 +82,7 @@ class TimerPoller:
                     contiguous_empty = False
                 elif contiguous_empty:
                     self._timers.advance(shard, minute + MINUTE)
+                    self._cursors[shard] = minute + MINUTE
                 minute += MINUTE
         return new
 
