@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 
 from google.rpc import code_pb2, status_pb2
 from weir.storage.v1 import records_pb2
-from weir.v1 import operations_pb2
+from weir.v1 import operations_pb2, tasks_pb2
 
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.dedup import DedupStore
@@ -34,6 +34,7 @@ from services.gateway.filters import DeadLetterFilter, TaskFilter
 
 log = logging.getLogger(__name__)
 
+CANCELLED = tasks_pb2.TaskState.TASK_STATE_CANCELLED
 OpState = operations_pb2.OperationState
 Kind = records_pb2.OperationKind
 FINAL = frozenset({OpState.OPERATION_STATE_SUCCEEDED, OpState.OPERATION_STATE_FAILED,
@@ -220,9 +221,9 @@ class OperationRunner:
             cursor = after.to_json()
             if delete:
                 yield cursor, lambda s=stored: self._control.delete(s)
-            else:
+            else:  # done when it ends up CANCELLED (also by a repeat after a take-over)
                 yield cursor, lambda s=stored: self._control.cancel(
-                    s, reason=f"cancelled by {record.operation.name}")[1]
+                    s, reason=f"cancelled by {record.operation.name}")[0].state == CANCELLED
 
     def _dead_letter_items(self, record: records_pb2.OperationRecord) -> Iterator[Item]:
         override = record.payload_override if record.HasField("payload_override") else None

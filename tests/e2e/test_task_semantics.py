@@ -392,6 +392,26 @@ def test_batch_cancel_of_ten_thousand_tasks_while_another_tenant_keeps_flowing(
     assert states == {State.TASK_STATE_CANCELLED}
 
 
+def test_a_batch_operation_survives_its_gateway_being_killed(suite, cassandra, tenant):
+    tenant_id, api_key = tenant
+    store = TaskStore(cassandra, service="test")
+    with suite.client(api_key) as client:
+        ids = [r.task.task_id for r in client.create_tasks(
+            {"function": "echo", "schedule_time": _in(timedelta(hours=1))} for _ in range(2000))]
+        operation = client.batch_cancel_tasks('function = "echo"')
+        eventually(lambda: client.get_operation(operation.name).processed_count > 0,
+                   timeout=30, interval=0.05, message="the operation under way")
+    suite.kill("gateway")
+    suite.restart("gateway")  # its runner takes the silent operation over from its checkpoint
+    with suite.client(api_key) as client:
+        finished = client.wait_operation(operation.name, timeout=120)
+    assert finished.state == 3, finished.error  # SUCCEEDED
+    assert finished.failed_count == 0
+    assert finished.processed_count >= 2000  # a few after the last checkpoint are redone
+    states = {s.state for s in store.get_many(TaskKey(tenant_id, i) for i in ids)}
+    assert states == {State.TASK_STATE_CANCELLED}
+
+
 def test_batch_delete_removes_the_matching_tasks_and_keeps_their_ids_claimed(suite, tenant):
     _, api_key = tenant
     with suite.client(api_key) as client:
