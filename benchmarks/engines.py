@@ -10,34 +10,19 @@ Writes JSON to ``bench-results/engines.json`` and prints a table.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
-import statistics
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
+from benchmarks.common import header, percentiles, save
 from libs import config as weir_config
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.migrate import migrate
 from libs.cassandra.session import close, connect
 from libs.kafka.client import Consumer, Producer, Record
 from libs.kafka.topics import TopicSpec, ensure_topics
-
-RESULTS = Path(__file__).resolve().parent.parent / "bench-results"
-
-
-def percentiles(samples_ms: list[float]) -> dict[str, float]:
-    ordered = sorted(samples_ms)
-
-    def at(p: float) -> float:
-        return round(ordered[min(int(p * len(ordered)), len(ordered) - 1)], 3)
-
-    return {"p50_ms": at(0.50), "p95_ms": at(0.95), "p99_ms": at(0.99),
-            "mean_ms": round(statistics.fmean(ordered), 3), "count": len(ordered)}
 
 
 def bench_kafka(config: weir_config.WeirConfig, records: int = 50_000) -> dict:
@@ -116,16 +101,8 @@ def bench_cassandra(config: weir_config.WeirConfig, operations: int = 2_000) -> 
 
 def main() -> None:
     config = weir_config.load()
-    result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
-        "kafka": bench_kafka(config),
-        "cassandra": bench_cassandra(config),
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "engines.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    result = {**header(), "kafka": bench_kafka(config), "cassandra": bench_cassandra(config)}
+    save("engines", result)
 
 
 if __name__ == "__main__":

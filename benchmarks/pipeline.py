@@ -12,27 +12,19 @@ submission rate is measured on the same tasks), WEIR_BENCH_RATE (200), WEIR_BENC
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 
 from weir.v1 import tasks_pb2
 
-from benchmarks.engines import RESULTS, percentiles
+from benchmarks.common import GATEWAY, bench_tenant, header, percentiles, save
 from libs import config as weir_config
-from libs.cassandra.functions import FunctionStore
 from libs.cassandra.session import close, connect
 from libs.cassandra.tasks import TaskKey, TaskStore
-from libs.cassandra.tenants import TenantStore
 from libs.sdk import Client
-from services.gateway.admin import ensure_demo_functions
 
-GATEWAY = f"127.0.0.1:{os.environ.get('WEIR_GATEWAY_PORT', '50051')}"
 SUCCEEDED = tasks_pb2.TaskState.TASK_STATE_SUCCEEDED
 
 
@@ -91,14 +83,10 @@ def steady_latency(client: Client, store: TaskStore, tenant_id: str, *, rate: fl
 def main() -> None:
     config = weir_config.load()
     session = connect(config)
-    tenants = TenantStore(session)
-    tenant, _ = tenants.create_tenant(f"bench-{uuid.uuid4().hex[:8]}")
-    ensure_demo_functions(FunctionStore(session), tenant.tenant_id)
-    api_key = tenants.issue_api_key(tenant.tenant_id)
+    tenant_id, api_key = bench_tenant(session)
     store = TaskStore(session, service="bench")
     backlog = int(os.environ.get("WEIR_BENCH_BACKLOG", "20000"))
-    result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    result = header()
     try:
         with Client(GATEWAY, api_key=api_key, timeout=120) as client:
             # The submissions are the backlog: timed first as accepted, then as drained.
@@ -107,22 +95,20 @@ def main() -> None:
             result["durable_submissions"] = {"tasks": len(ids), "seconds": round(seconds, 2),
                                              "per_second": round(len(ids) / seconds)}
             print("submission:", result["durable_submissions"], flush=True)
-            wait_all(store, tenant.tenant_id, ids, timeout=3600)
+            wait_all(store, tenant_id, ids, timeout=3600)
             drained = time.monotonic() - began
             result["backlog_throughput"] = {"tasks": backlog, "seconds": round(drained, 1),
                                             "per_second": round(backlog / drained, 1)}
             print("backlog:", result["backlog_throughput"], flush=True)
 
             result["steady"] = steady_latency(
-                client, store, tenant.tenant_id,
+                client, store, tenant_id,
                 rate=float(os.environ.get("WEIR_BENCH_RATE", "200")),
                 seconds=float(os.environ.get("WEIR_BENCH_SECONDS", "20")))
             print("steady:", result["steady"], flush=True)
     finally:
         close(session)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save("pipeline", result)
 
 
 if __name__ == "__main__":

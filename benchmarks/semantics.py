@@ -12,26 +12,19 @@ WEIR_BENCH_CANCELLED (5000).
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import random
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import timestamp_pb2
 from weir.v1 import tasks_pb2
 
-from benchmarks.engines import RESULTS, percentiles
-from benchmarks.pipeline import GATEWAY
+from benchmarks.common import GATEWAY, bench_tenant, header, percentiles, save
 from libs import config as weir_config
-from libs.cassandra.functions import FunctionStore
 from libs.cassandra.session import close, connect
 from libs.cassandra.tasks import FINAL_STATES, TaskKey, TaskStore
-from libs.cassandra.tenants import TenantStore
 from libs.sdk import Client
-from services.gateway.admin import ensure_demo_functions
 
 State = tasks_pb2.TaskState
 
@@ -85,26 +78,20 @@ def batch_cancel(client: Client, count: int) -> dict:
 def main() -> None:
     config = weir_config.load()
     session = connect(config)
-    tenants = TenantStore(session)
-    tenant, _ = tenants.create_tenant(f"bench-{uuid.uuid4().hex[:8]}")
-    ensure_demo_functions(FunctionStore(session), tenant.tenant_id)
-    api_key = tenants.issue_api_key(tenant.tenant_id)
+    tenant_id, api_key = bench_tenant(session)
     store = TaskStore(session, service="bench")
-    result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    result = header()
     try:
         with Client(GATEWAY, api_key=api_key, timeout=120) as client:
             result["timer_lateness"] = timer_lateness(
-                client, store, tenant.tenant_id, int(os.environ.get("WEIR_BENCH_DELAYED", "200")))
+                client, store, tenant_id, int(os.environ.get("WEIR_BENCH_DELAYED", "200")))
             print("timers:", result["timer_lateness"], flush=True)
             result["batch_cancel"] = batch_cancel(
                 client, int(os.environ.get("WEIR_BENCH_CANCELLED", "5000")))
             print("batch cancel:", result["batch_cancel"], flush=True)
     finally:
         close(session)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "semantics.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save("semantics", result)
 
 
 if __name__ == "__main__":

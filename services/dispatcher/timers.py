@@ -6,12 +6,10 @@ firing takes effect, so no single instance is assumed and a dead one is not miss
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from weir.storage.v1 import records_pb2
@@ -20,6 +18,7 @@ from weir.v1 import tasks_pb2
 from libs.cassandra.tasks import StoredTask, now_utc
 from libs.cassandra.timers import MINUTE, SHARDS, Timer, TimerStore, minute_of, to_millis
 from libs.lifecycle import Lifecycle
+from libs.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +30,9 @@ CURSOR_REFRESH_SECONDS = 10.0
 class TimerPoller:
     """Reads the timers due within ``lookahead`` and fires each when it is due.
 
-    `poll` (called periodically) reads each shard from its cursor's minute to the lookahead;
-    a scheduling thread waits for the earliest due timer and hands it to a pool. A fired timer
-    is deleted; a shard's cursor moves past a minute once that minute is over and empty.
+    `poll` (called periodically) reads each shard from its cursor's minute to the lookahead
+    into a `Schedule`, which fires each timer at its due time. A fired timer is deleted; a
+    shard's cursor moves past a minute once that minute is over and empty.
     """
 
     def __init__(self, *, timers: TimerStore, fire: Callable[[Timer], None],
@@ -43,25 +42,16 @@ class TimerPoller:
         self._cursors_read_at = -CURSOR_REFRESH_SECONDS
         self._fire = fire
         self._lookahead = lookahead
-        self._heap: list[tuple[float, int, Timer]] = []
-        self._known: set[Timer] = set()  # waiting in the heap or firing
-        self._count = 0
-        self._changed = threading.Condition()
-        self._stopping = False
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="timer")
-        self._thread = threading.Thread(target=self._schedule, name="timer-schedule",
-                                        daemon=True)
+        self._known: set[Timer] = set()  # waiting in the schedule or firing
+        self._lock = threading.Lock()
+        self._schedule = Schedule(name="timer", threads=threads, clock=time.time)
 
     def start(self) -> TimerPoller:
-        self._thread.start()
+        self._schedule.start()
         return self
 
     def stop(self) -> None:
-        with self._changed:
-            self._stopping = True
-            self._changed.notify_all()
-        self._thread.join(5)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._schedule.stop()
 
     def poll(self) -> int:
         """Reads the timers due soon into the schedule; returns how many were new."""
@@ -87,22 +77,12 @@ class TimerPoller:
         return new
 
     def _add(self, timer: Timer) -> bool:
-        with self._changed:
+        with self._lock:
             if timer in self._known:
                 return False
             self._known.add(timer)
-            self._count += 1
-            heapq.heappush(self._heap, (timer.due_time.timestamp(), self._count, timer))
-            self._changed.notify_all()
-            return True
-
-    def _schedule(self) -> None:
-        with self._changed:
-            while not self._stopping:
-                now = now_utc().timestamp()
-                while self._heap and self._heap[0][0] <= now:
-                    self._pool.submit(self._run, heapq.heappop(self._heap)[2])
-                self._changed.wait(self._heap[0][0] - now if self._heap else None)
+        self._schedule.at(timer.due_time.timestamp(), lambda: self._run(timer))
+        return True
 
     def _run(self, timer: Timer) -> None:
         try:
@@ -112,7 +92,7 @@ class TimerPoller:
             log.exception("a timer could not fire; it will be tried again", extra={
                 "task_id": timer.task_id})
         finally:
-            with self._changed:
+            with self._lock:
                 self._known.discard(timer)
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import heapq
 import hmac
-import itertools
 import json
 import logging
 import threading
@@ -14,8 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 from cassandra.cluster import Session
@@ -27,6 +24,7 @@ from libs.cassandra.functions import FunctionStore
 from libs.cassandra.tasks import FINAL_STATES, TaskStore, now_utc
 from libs.cassandra.tenants import TenantStore
 from libs.kafka.client import Consumer, ConsumerLoop, Message
+from libs.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +106,16 @@ def watch(tasks: TaskStore, watchers: Watchers, tenant_id: str, task_id: str, *,
         watchers.unsubscribe(key, wake)
 
 
-@dataclass(order=True)
+@dataclass
 class Delivery:
-    due: float
-    seq: int
-    tenant_id: str = field(compare=False)
-    task_id: str = field(compare=False)
-    url: str = field(compare=False)
-    headers: dict = field(compare=False)
-    body: bytes = field(compare=False)
-    attempt: int = field(compare=False, default=1)
-    done: Callable[[], None] = field(compare=False, default=lambda: None)
+    due: float  # time.monotonic() of the next attempt
+    tenant_id: str
+    task_id: str
+    url: str
+    headers: dict
+    body: bytes
+    attempt: int = 1
+    done: Callable[[], None] = lambda: None
 
 
 class DeliveryStore:
@@ -145,43 +142,22 @@ class WebhookSender:
         self._max_attempts = max_attempts
         self._first = first_backoff
         self._most = max_backoff
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="webhook")
-        self._due: list[Delivery] = []
-        self._seq = itertools.count()
-        self._changed = threading.Condition()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._schedule, name="webhook-schedule",
-                                        daemon=True)
+        self._schedule = Schedule(name="webhook", threads=threads)
 
     def start(self) -> WebhookSender:
-        self._thread.start()
+        self._schedule.start()
         return self
 
     def stop(self) -> None:
-        with self._changed:
-            self._stopping = True
-            self._changed.notify_all()
-        self._thread.join(5)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._schedule.stop()
 
     def send(self, *, tenant_id: str, task_id: str, url: str, headers: dict, body: bytes,
              done: Callable[[], None]) -> None:
-        self._enqueue(Delivery(time.monotonic(), next(self._seq), tenant_id, task_id, url,
-                               headers, body, done=done))
+        self._enqueue(Delivery(time.monotonic(), tenant_id, task_id, url, headers, body,
+                               done=done))
 
     def _enqueue(self, delivery: Delivery) -> None:
-        with self._changed:
-            heapq.heappush(self._due, delivery)
-            self._changed.notify_all()
-
-    def _schedule(self) -> None:
-        with self._changed:
-            while not self._stopping:
-                now = time.monotonic()
-                while self._due and self._due[0].due <= now:
-                    self._pool.submit(self._post, heapq.heappop(self._due))
-                wait = self._due[0].due - now if self._due else None
-                self._changed.wait(wait)
+        self._schedule.at(delivery.due, lambda: self._post(delivery))
 
     def _post(self, d: Delivery) -> None:
         request = urllib.request.Request(d.url, data=d.body, method="POST", headers={
