@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import grpc
 from google.rpc import code_pb2, status_pb2
@@ -39,6 +39,7 @@ class Running:
     lease_id: uuid.UUID
     worker: WorkerProcess
     function: str
+    dispatch_time: datetime  # when the dispatcher handed it over
     cancelled: bool = False
 
 
@@ -107,7 +108,8 @@ class Executor:
                                     metadata={"executor_id": self.executor_id})
         self._on_load_change()
         running = Running(request.task.tenant_id, request.task.task_id,
-                          uuid.UUID(request.lease_id), worker, request.task.function)
+                          uuid.UUID(request.lease_id), worker, request.task.function,
+                          dispatch_time=now_utc())
         with self._lock:
             self._running[(running.tenant_id, running.task_id)] = running
         self._threads.submit(self._attempt, request.task, running)
@@ -198,7 +200,8 @@ class Executor:
         record = stored.record
         attempt = tasks_pb2.Attempt(
             attempt_number=len(record.task.attempts) + 1, executor_id=self.executor_id,
-            start_time=timestamp_of(start), end_time=timestamp_of(end),
+            dispatch_time=timestamp_of(running.dispatch_time), start_time=timestamp_of(start),
+            end_time=timestamp_of(end),
             status=outcome.status or status_pb2.Status(code=code_pb2.OK),
             error_class=outcome.error_class, exit_reason=outcome.exit_reason)
         if outcome.retry_delay is not None:

@@ -32,6 +32,9 @@ def test_a_task_runs_and_its_timeline_shows_every_stage_in_order(suite, tenant):
     assert times == sorted(times)
     assert len(done.attempts) == 1 and done.attempts[0].exit_reason == \
         tasks_pb2.ExitReason.EXIT_REASON_RETURNED
+    attempt = done.attempts[0]
+    assert attempt.dispatch_time.ToDatetime() <= attempt.start_time.ToDatetime() <= \
+        attempt.end_time.ToDatetime()
 
 
 def test_a_failing_handler_ends_the_task_failed_with_its_error(suite, tenant):
