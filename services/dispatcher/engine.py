@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.rpc import code_pb2, status_pb2
@@ -233,28 +233,38 @@ class LeaseSweeper:
         self._functions = TtlCache(functions.get, ttl=5.0)
 
     def sweep(self) -> int:
+        """Buckets are swept independently: trouble with one does not hold up the others."""
         ended = 0
         now = now_utc()
         for bucket in range(BUCKETS):
-            for key, lease_id in self._tasks.expired_leases(bucket, now=now):
-                stored = self._tasks.get(key.tenant_id, key.task_id)
-                if stored is None or stored.lease_id != lease_id:
-                    self._tasks.forget_lease(key, lease_id)  # a lease the task does not hold
-                    continue
-                record = stored.record
-                attempt = tasks_pb2.Attempt(
-                    attempt_number=len(record.task.attempts) + 1,
-                    exit_reason=tasks_pb2.ExitReason.EXIT_REASON_LEASE_LOST,
-                    error_class=common_pb2.ErrorClass.ERROR_CLASS_RETRYABLE,
-                    status=status_pb2.Status(code=code_pb2.UNAVAILABLE, message=(
-                        "lease expired: the executor stopped renewing it")),
-                    end_time=timestamp_of(now))
-                function = self._functions.get(key.tenant_id, record.task.function)
-                policy = RetryPolicy.of(function.retry_config if function
-                                        else common_pb2.RetryConfig(), record.task.retry_config)
-                if self._lifecycle.end_attempt(record, attempt, lease_id=lease_id,
-                                               policy=policy) is not None:
-                    ended += 1
-                    log.info("ended an attempt whose lease expired", extra={
-                        "tenant": key.tenant_id, "task_id": key.task_id})
+            try:
+                ended += self._sweep_bucket(bucket, now=now)
+            except Exception:
+                log.exception("could not sweep a lease bucket; trying again next round",
+                              extra={"bucket": bucket})
+        return ended
+
+    def _sweep_bucket(self, bucket: int, *, now: datetime) -> int:
+        ended = 0
+        for key, lease_id in self._tasks.expired_leases(bucket, now=now):
+            stored = self._tasks.get(key.tenant_id, key.task_id)
+            if stored is None or stored.lease_id != lease_id:
+                self._tasks.forget_lease(key, lease_id)  # a lease the task does not hold
+                continue
+            record = stored.record
+            attempt = tasks_pb2.Attempt(
+                attempt_number=len(record.task.attempts) + 1,
+                exit_reason=tasks_pb2.ExitReason.EXIT_REASON_LEASE_LOST,
+                error_class=common_pb2.ErrorClass.ERROR_CLASS_RETRYABLE,
+                status=status_pb2.Status(code=code_pb2.UNAVAILABLE, message=(
+                    "lease expired: the executor stopped renewing it")),
+                end_time=timestamp_of(now))
+            function = self._functions.get(key.tenant_id, record.task.function)
+            policy = RetryPolicy.of(function.retry_config if function
+                                    else common_pb2.RetryConfig(), record.task.retry_config)
+            if self._lifecycle.end_attempt(record, attempt, lease_id=lease_id,
+                                           policy=policy) is not None:
+                ended += 1
+                log.info("ended an attempt whose lease expired", extra={
+                    "tenant": key.tenant_id, "task_id": key.task_id})
         return ended

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 State = tasks_pb2.TaskState
 Kind = records_pb2.TimerKind
 CURSOR_REFRESH_SECONDS = 10.0
+# A minute is passed over only this long after it ended: a timer written just before its due
+# time by a slow write (at most the driver's timeout) still lands before the cursor moves.
+WRITE_MARGIN = timedelta(seconds=15)
 
 
 class TimerPoller:
@@ -32,7 +35,7 @@ class TimerPoller:
 
     `poll` (called periodically) reads each shard from its cursor's minute to the lookahead
     into a `Schedule`, which fires each timer at its due time. A fired timer is deleted; a
-    shard's cursor moves past a minute once that minute is over and empty.
+    shard's cursor moves past a minute once that minute is well over and empty.
     """
 
     def __init__(self, *, timers: TimerStore, fire: Callable[[Timer], None],
@@ -63,12 +66,14 @@ class TimerPoller:
             self._cursors = {shard: self._timers.cursor(shard) for shard in range(SHARDS)}
             self._cursors_read_at = time.monotonic()
         for shard in range(SHARDS):
-            minute = self._cursors[shard]
+            # Never past the current minute, whatever the stored cursor says: a cursor ahead
+            # of time would skip timers due now.
+            minute = min(self._cursors[shard], minute_of(now))
             contiguous_empty = True
             while minute <= minute_of(until):
                 due = self._timers.due(shard, minute, until=until)
                 new += sum(self._add(t) for t in due)
-                if due or minute + MINUTE > now:
+                if due or minute + MINUTE + WRITE_MARGIN > now:
                     contiguous_empty = False
                 elif contiguous_empty:
                     self._timers.advance(shard, minute + MINUTE)

@@ -130,32 +130,46 @@ class Submitter:
         return results  # type: ignore[return-value]
 
     def sweep_unqueued(self, *, grace: timedelta) -> int:
-        """Queues tasks that were stored but never confirmed on Kafka; returns how many."""
+        """Queues tasks that were stored but never confirmed on Kafka; returns how many.
+
+        Buckets are swept independently: trouble with one does not hold up the others.
+        """
         older_than = now_utc() - grace
         swept = 0
         for bucket in range(BUCKETS):
-            keys = self._tasks.unqueued(bucket, older_than=older_than)
-            found = self._tasks.get_many(keys)
-            stored = []
-            for key, item in zip(keys, found, strict=True):
-                # Only tasks still waiting for the queue. A create that failed half-way left
-                # no task (never acknowledged); a task may also have moved on (cancelled).
-                if item is not None and item.state in (State.TASK_STATE_ACCEPTED,
-                                                       State.TASK_STATE_QUEUED):
-                    stored.append(item)
-                else:
-                    self._tasks.forget_unqueued(key)
-            if not stored:
-                continue
-            records = [s.record for s in stored]
-            queued_time = now_utc()
-            self._producer.send_all(task_record_to_kafka(
-                r, attempt_number=r.task.attempt_count + 1) for r in records)
-            self._tasks.mark_queued(records, queued_time=queued_time)
-            swept += len(records)
-            log.info("queued tasks left unqueued", extra={"count": len(records),
-                                                          "bucket": bucket})
+            try:
+                swept += self._sweep_bucket(bucket, older_than=older_than)
+            except Exception:
+                log.exception("could not sweep an unqueued bucket; trying again next round",
+                              extra={"bucket": bucket})
         return swept
+
+    def _sweep_bucket(self, bucket: int, *, older_than: datetime) -> int:
+        keys = self._tasks.unqueued(bucket, older_than=older_than)
+        found = self._tasks.get_many(keys)
+        stored = []
+        for key, item in zip(keys, found, strict=True):
+            # Only tasks still waiting for the queue. A create that failed half-way left no
+            # task (never acknowledged); a task may also have moved on (cancelled).
+            waiting = item is not None and item.state in (State.TASK_STATE_ACCEPTED,
+                                                          State.TASK_STATE_QUEUED)
+            if waiting and not item.record.topic:
+                log.error("a stored task has no topic and cannot be queued", extra={
+                    "tenant": key.tenant_id, "task_id": key.task_id})
+                waiting = False
+            if waiting:
+                stored.append(item)
+            else:
+                self._tasks.forget_unqueued(key)
+        if not stored:
+            return 0
+        records = [s.record for s in stored]
+        queued_time = now_utc()
+        self._producer.send_all(task_record_to_kafka(
+            r, attempt_number=r.task.attempt_count + 1) for r in records)
+        self._tasks.mark_queued(records, queued_time=queued_time)
+        log.info("queued tasks left unqueued", extra={"count": len(records), "bucket": bucket})
+        return len(records)
 
     def _existing(self, tenant_id: str, task_id: str) -> Created:
         stored = self._tasks.get(tenant_id, task_id)

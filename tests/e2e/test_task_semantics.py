@@ -15,6 +15,7 @@ from weir.v1 import common_pb2, tasks_pb2
 
 from libs import errors
 from libs.cassandra.tasks import TaskKey, TaskStore
+from libs.cassandra.timers import SHARDS, TimerStore, minute_of
 from tests.helpers import eventually, unique
 
 State = tasks_pb2.TaskState
@@ -252,6 +253,21 @@ def test_delayed_tasks_fire_on_time_across_a_dispatcher_restart(suite, tenant):
           f"{', '.join(f'{x * 1000:.0f} ms' for x in late)}")
     assert all(t.state == State.TASK_STATE_SUCCEEDED for t in done)
     assert all(0 <= x < 2.0 for x in late)
+
+
+def test_a_timer_cursor_ahead_of_time_skips_no_timer(suite, cassandra, tenant):
+    """Whatever moves a shard's cursor too far (a bug, a clock), timers due now still fire."""
+    _, api_key = tenant
+    timers = TimerStore(cassandra)
+    ahead = minute_of(datetime.now(UTC)) + timedelta(minutes=5)
+    for shard in range(SHARDS):
+        timers.advance(shard, ahead)
+    with suite.client(api_key) as client:
+        # Due after the dispatcher has re-read the cursors (every 10 s); spread over the shards.
+        created = [client.create_task("echo", b"cursor", delay=timedelta(seconds=11))
+                   for _ in range(8)]
+        done = [wait(client, t.task_id, timeout=60) for t in created]
+    assert all(t.state == State.TASK_STATE_SUCCEEDED for t in done)
 
 
 # --- expiry ------------------------------------------------------------------------------

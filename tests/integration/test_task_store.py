@@ -33,11 +33,14 @@ def lifecycle(suite_config, cassandra):
 
 def new_task(store: TaskStore, tenant: str, *, count: int = 1,
              topic: str = "") -> list[records_pb2.TaskRecord]:
+    """Stored tasks, marked queued (never produced): the suite's sweepers, which share this
+    keyspace, leave them alone."""
     now = now_utc()
     records = [records_pb2.TaskRecord(tenant_id=tenant, topic=topic, task=tasks_pb2.Task(
         task_id=unique("task"), function="f", state=State.TASK_STATE_ACCEPTED,
         create_time=timestamp_of(now), update_time=timestamp_of(now))) for _ in range(count)]
     store.create(records)
+    store.mark_queued(records, queued_time=now, record_stage=False)
     return records
 
 
@@ -89,8 +92,7 @@ def test_a_late_result_under_a_lost_lease_is_rejected(suite_config, lifecycle):
     assert [s.state for s in store.stages(tenant, task_id)].count(State.TASK_STATE_SUCCEEDED) == 1
 
 
-def test_timers_are_read_by_minute_until_a_time_and_the_cursor_moves_past_empty_minutes(
-        cassandra):
+def test_timers_are_read_by_minute_until_a_time_and_deleted_once_fired(cassandra):
     timers = TimerStore(cassandra)
     tenant = unique("t")
     base = minute_of(now_utc()) + timedelta(minutes=5)
@@ -104,10 +106,8 @@ def test_timers_are_read_by_minute_until_a_time_and_the_cursor_moves_past_empty_
         timers.delete(timer)
     assert not [t for t in timers.due(due[0].shard, base, until=base + MINUTE)
                 if t.tenant_id == tenant]
-    shard = 3
-    start = timers.cursor(shard)
-    timers.advance(shard, start + MINUTE)
-    assert timers.cursor(shard) == start + MINUTE
+    # The shard cursors are left alone: they are global to the keyspace, which the suite's
+    # dispatcher shares (the restart test in e2e exercises them).
 
 
 def test_listings_page_through_tasks_created_at_the_same_instant(cassandra):
