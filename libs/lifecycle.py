@@ -8,7 +8,6 @@ results topic, where the notifier wakes watchers and calls webhooks.
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -24,8 +23,6 @@ from libs.kafka.client import Producer, Record
 from libs.kafka.topics import results_topic
 from libs.retry import RetryPolicy, decide
 from libs.taskqueue import task_record_to_kafka
-
-log = logging.getLogger(__name__)
 
 State = tasks_pb2.TaskState
 Kind = records_pb2.TimerKind
