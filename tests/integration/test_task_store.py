@@ -15,7 +15,7 @@ from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.tasks import TaskStore, now_utc, timestamp_of
 from libs.cassandra.timers import MINUTE, Timer, TimerStore, minute_of, to_millis
 from libs.kafka.client import Producer
-from libs.kafka.topics import task_topic
+from libs.kafka.topics import TopicSpec, ensure_topics, results_topic, task_topic
 from libs.lifecycle import Lifecycle
 from libs.retry import RetryPolicy
 from tests.helpers import unique
@@ -24,10 +24,19 @@ State = tasks_pb2.TaskState
 
 
 @pytest.fixture(scope="module")
-def lifecycle(suite_config, cassandra):
+def topic_prefix(suite_config) -> str:
+    """Topics of this module's own: the suite's dispatchers must not lease its tasks."""
+    prefix = unique("lifecycle").replace("_", "-")
+    ensure_topics(bootstrap=suite_config.kafka_bootstrap, replication_factor=1,
+                  specs=[TopicSpec(task_topic(prefix, "normal"), 1),
+                         TopicSpec(results_topic(prefix), 1)])
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def lifecycle(suite_config, cassandra, topic_prefix):
     producer = Producer(bootstrap=suite_config.kafka_bootstrap, client_id="test-lifecycle")
-    yield Lifecycle.of_service(cassandra, producer, service="test",
-                               topic_prefix=suite_config.topic_prefix)
+    yield Lifecycle.of_service(cassandra, producer, service="test", topic_prefix=topic_prefix)
     producer.close()
 
 
@@ -59,10 +68,10 @@ def test_concurrent_transitions_of_one_task_let_exactly_one_win(cassandra):
     assert [s.state for s in store.stages(tenant, record.task.task_id)].count(final.state) == 1
 
 
-def test_a_late_result_under_a_lost_lease_is_rejected(suite_config, lifecycle):
+def test_a_late_result_under_a_lost_lease_is_rejected(topic_prefix, lifecycle):
     store = lifecycle.tasks
     tenant = unique("t")
-    [record] = new_task(store, tenant, topic=task_topic(suite_config.topic_prefix, "normal"))
+    [record] = new_task(store, tenant, topic=task_topic(topic_prefix, "normal"))
     task_id = record.task.task_id
     zombie, successor = uuid.uuid4(), uuid.uuid4()
     expire = now_utc() + timedelta(seconds=30)
@@ -72,7 +81,8 @@ def test_a_late_result_under_a_lost_lease_is_rejected(suite_config, lifecycle):
     lost = tasks_pb2.Attempt(attempt_number=1, status=status_pb2.Status(code=code_pb2.UNAVAILABLE),
                              exit_reason=tasks_pb2.ExitReason.EXIT_REASON_LEASE_LOST,
                              end_time=timestamp_of(now_utc()))
-    policy = RetryPolicy(min_backoff=timedelta(seconds=1))
+    # A long backoff: the suite's timer poller must not queue the task before this test does.
+    policy = RetryPolicy(min_backoff=timedelta(minutes=5))
     assert lifecycle.end_attempt(swept.record, lost, lease_id=zombie, policy=policy) == \
         State.TASK_STATE_RETRY_WAIT
     waiting = store.get(tenant, task_id)
