@@ -5,7 +5,8 @@ Measures, with a tenant of its own and the demo `echo` function:
 2. end-to-end throughput: a backlog of BACKLOG echo tasks submitted, then timed until every
    one SUCCEEDED;
 3. submit→start latency (RUNNING stage time minus the client's send time) p50/p95/p99 at a
-   steady RATE tasks/s for SECONDS seconds.
+   steady RATE tasks/s for SECONDS seconds;
+4. resource use of each process (CPU per task, peak memory) over the backlog and the steady run.
 Figures go to ``bench-results/pipeline.json``. Sizes: WEIR_BENCH_BACKLOG (20000; the
 submission rate is measured on the same tasks), WEIR_BENCH_RATE (200), WEIR_BENCH_SECONDS (20).
 """
@@ -20,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from weir.v1 import tasks_pb2
 
 from benchmarks.common import GATEWAY, bench_tenant, header, percentiles, save
+from benchmarks.resources import ResourceMeter
 from libs import config as weir_config
 from libs.cassandra.session import close, connect
 from libs.cassandra.tasks import TaskKey, TaskStore
@@ -91,20 +93,26 @@ def main() -> None:
         with Client(GATEWAY, api_key=api_key, timeout=120) as client:
             # The submissions are the backlog: timed first as accepted, then as drained.
             began = time.monotonic()
-            ids, seconds = submit(client, backlog)
-            result["durable_submissions"] = {"tasks": len(ids), "seconds": round(seconds, 2),
-                                             "per_second": round(len(ids) / seconds)}
-            print("submission:", result["durable_submissions"], flush=True)
-            wait_all(store, tenant_id, ids, timeout=3600)
+            with ResourceMeter() as backlog_use:
+                ids, seconds = submit(client, backlog)
+                result["durable_submissions"] = {"tasks": len(ids),
+                                                 "seconds": round(seconds, 2),
+                                                 "per_second": round(len(ids) / seconds)}
+                print("submission:", result["durable_submissions"], flush=True)
+                wait_all(store, tenant_id, ids, timeout=3600)
             drained = time.monotonic() - began
             result["backlog_throughput"] = {"tasks": backlog, "seconds": round(drained, 1),
                                             "per_second": round(backlog / drained, 1)}
+            result["backlog_resources"] = backlog_use.report(tasks=backlog)
             print("backlog:", result["backlog_throughput"], flush=True)
 
-            result["steady"] = steady_latency(
-                client, store, tenant_id,
-                rate=float(os.environ.get("WEIR_BENCH_RATE", "200")),
-                seconds=float(os.environ.get("WEIR_BENCH_SECONDS", "20")))
+            with ResourceMeter() as steady_use:
+                result["steady"] = steady_latency(
+                    client, store, tenant_id,
+                    rate=float(os.environ.get("WEIR_BENCH_RATE", "200")),
+                    seconds=float(os.environ.get("WEIR_BENCH_SECONDS", "20")))
+            result["steady_resources"] = steady_use.report(
+                tasks=result["steady"]["submit_to_start"]["count"])
             print("steady:", result["steady"], flush=True)
     finally:
         close(session)
