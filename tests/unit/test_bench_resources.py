@@ -9,7 +9,7 @@ import sys
 from benchmarks.resources import ResourceMeter, snapshot
 
 BUSY_CHILD = ("import sys, time\n"
-              "end = time.process_time() + 0.2\n"
+              "end = time.process_time() + 0.3\n"
               "while time.process_time() < end: pass\n"
               "print('busy done', flush=True)\n"
               "sys.stdin.read()\n")
@@ -27,7 +27,7 @@ def test_a_process_is_counted_with_its_children(tmp_path):
     finally:
         child.communicate("")
     assert set(usage) == {"parent", "child"}
-    assert usage["child"].cpu_seconds >= 0.2
+    assert usage["child"].cpu_seconds >= 0.2  # ticks are sampled: allow a few
     assert usage["parent"].cpu_seconds >= usage["child"].cpu_seconds
     assert usage["parent"].rss_bytes > usage["child"].rss_bytes > 0
 
