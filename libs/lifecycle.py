@@ -141,7 +141,7 @@ class Lifecycle:
         outcome = records_pb2.AttemptOutcome(
             tenant_id=record.tenant_id, task_id=record.task.task_id,
             function=record.task.function, attempt=attempt, result=record.task.result,
-            state=state, lease_id=lease_id)
+            state=state, lease_id=lease_id, result_targets=record.task.result_targets)
         self._producer.send_all([Record(self._results_topic, outcome.SerializeToString(),
                                         key=record.task.task_id.encode())])
 

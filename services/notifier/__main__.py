@@ -21,7 +21,7 @@ def start(config: WeirConfig) -> service.Started:
     consumer = Consumer(bootstrap=config.kafka_bootstrap,
                         group_id=f"{config.topic_prefix}-notifiers", client_id="notifier",
                         topics=[results_topic(config.topic_prefix)])
-    notifier = Notifier(consumer=consumer, tasks=tasks, tenants=TenantStore(session),
+    notifier = Notifier(consumer=consumer, tenants=TenantStore(session),
                         functions=FunctionStore(session), sender=sender,
                         watchers=watchers).start()
     server = create_server(config, tasks=tasks, watchers=watchers)

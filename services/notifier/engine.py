@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from weir.storage.v1 import records_pb2
 from weir.v1 import tasks_pb2
 
+from libs.cache import TtlCache
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.tasks import FINAL_STATES, TaskStore, now_utc
 from libs.cassandra.tenants import TenantStore
@@ -191,13 +192,14 @@ class Notifier:
 
     A message is acknowledged once every webhook of its task has been delivered or given
     up, so a crash redelivers it (webhooks are at-least-once; receivers dedup by task ID).
+    The outcome carries the task's targets; functions and tenants are cached, so a changed
+    function target or webhook secret applies within ``cache_seconds``.
     """
 
-    def __init__(self, *, consumer: Consumer, tasks: TaskStore, tenants: TenantStore,
-                 functions: FunctionStore, sender: WebhookSender, watchers: Watchers) -> None:
-        self._tasks = tasks
-        self._tenants = tenants
-        self._functions = functions
+    def __init__(self, *, consumer: Consumer, tenants: TenantStore, functions: FunctionStore,
+                 sender: WebhookSender, watchers: Watchers, cache_seconds: float = 5.0) -> None:
+        self._tenants = TtlCache(tenants.get_tenant, ttl=cache_seconds)
+        self._functions = TtlCache(functions.get, ttl=cache_seconds)
         self._sender = sender
         self._watchers = watchers
         self._loop = ConsumerLoop(consumer, self.handle, name="notifier")
@@ -215,15 +217,13 @@ class Notifier:
         if outcome.state not in FINAL_STATES:
             message.ack()
             return
-        stored = self._tasks.get(outcome.tenant_id, outcome.task_id)
         function = self._functions.get(outcome.tenant_id, outcome.function)
-        targets = [*(stored.record.task.result_targets if stored else []),
-                   *(function.result_targets if function else [])]
+        targets = [*outcome.result_targets, *(function.result_targets if function else [])]
         urls = {t.webhook.url: dict(t.webhook.headers) for t in targets if t.HasField("webhook")}
         if not urls:
             message.ack()
             return
-        tenant = self._tenants.get_tenant(outcome.tenant_id)
+        tenant = self._tenants.get(outcome.tenant_id)
         body = webhook_body(outcome)
         signature = sign(tenant.webhook_secret if tenant else b"", body)
         remaining = [len(urls)]
