@@ -60,8 +60,8 @@ def snapshot(run_dir: Path = RUN_DIR) -> dict[str, Usage]:
 
 
 class ResourceMeter:
-    """CPU used by each process between ``start`` and ``stop``, and its peak memory
-    (sampled every ``interval`` seconds)."""
+    """CPU used by each process inside the ``with`` block, and its peak memory (sampled
+    every ``interval`` seconds)."""
 
     def __init__(self, *, interval: float = 0.5, run_dir: Path = RUN_DIR) -> None:
         self._interval = interval

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -15,7 +16,7 @@ from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.tasks import TaskStore, now_utc, timestamp_of
 from libs.cassandra.timers import MINUTE, Timer, TimerStore, minute_of, to_millis
 from libs.kafka.client import Producer
-from libs.kafka.topics import TopicSpec, ensure_topics, results_topic, task_topic
+from libs.kafka.topics import ensure_topics, task_topic, weir_topics
 from libs.lifecycle import Lifecycle
 from libs.retry import RetryPolicy
 from tests.helpers import unique
@@ -26,11 +27,10 @@ State = tasks_pb2.TaskState
 @pytest.fixture(scope="module")
 def topic_prefix(suite_config) -> str:
     """Topics of this module's own: the suite's dispatchers must not lease its tasks."""
-    prefix = unique("lifecycle").replace("_", "-")
-    ensure_topics(bootstrap=suite_config.kafka_bootstrap, replication_factor=1,
-                  specs=[TopicSpec(task_topic(prefix, "normal"), 1),
-                         TopicSpec(results_topic(prefix), 1)])
-    return prefix
+    own = dataclasses.replace(suite_config, topic_prefix=unique("lifecycle").replace("_", "-"),
+                              task_partitions=1)
+    ensure_topics(bootstrap=own.kafka_bootstrap, specs=weir_topics(own), replication_factor=1)
+    return own.topic_prefix
 
 
 @pytest.fixture(scope="module")
