@@ -67,7 +67,11 @@ class WeirConfig:
         check=_positive, rule="> 0")
 
     # Service addresses. Every service binds host:port; 0 asks the OS for a free port.
-    bind_host: str = setting("127.0.0.1", "Interface every service listens on.")
+    gateway_bind_host: str = setting(
+        "127.0.0.1", "Interface the gateway (the public API, plaintext) listens on.")
+    internal_bind_host: str = setting(
+        "127.0.0.1", "Interface the internal services (router, dispatcher, executor-manager, "
+        "notifier; mutual TLS only) listen on.")
     gateway_port: int = setting(50051, "Gateway (public weir.v1 API) port.", check=_port,
                                 rule="0..65535")
     router_port: int = setting(50052, "Router port.", check=_port, rule="0..65535")
@@ -106,6 +110,36 @@ class WeirConfig:
     operation_silent_seconds: float = setting(
         10.0, "How long a long-running operation's owner may be silent before another "
         "gateway takes the operation over.", check=_positive, rule="> 0")
+
+    # Security.
+    credentials_dir: str = setting(
+        ".weir/credentials", "Directory with the deployment CA, each service's certificate "
+        "and key, and the page-token key (`python -m libs.tls init` creates them; relative "
+        "paths are from the repository root).")
+    handler_packages: str = setting(
+        "examples,tests.handlers", "Packages whose @sdk.task functions may be registered as "
+        "handlers, comma-separated; any other handler is refused by the API and the workers.")
+    worker_user: str = setting(
+        "weir-worker", "Unprivileged user the workers run as when the executor-manager runs "
+        "as root (`make run` creates it).")
+    worker_memory_mb: int = setting(2048, "Address-space limit of each worker process, MiB.",
+                                    check=_positive, rule="> 0")
+    worker_cpu_seconds: int = setting(
+        3600, "CPU-time limit of each worker process, seconds; a worker is replaced before "
+        "it reaches it.", check=_positive, rule="> 0")
+    worker_open_files: int = setting(256, "Open-file limit of each worker process.",
+                                     check=_positive, rule="> 0")
+    worker_max_processes: int = setting(
+        512, "Limit on processes and threads of the worker user.", check=_positive,
+        rule="> 0")
+    webhook_allow_private: bool = setting(
+        False, "Allow webhook targets that resolve to loopback, private, link-local or other "
+        "non-public addresses (local development and tests only).")
+    max_streams_per_tenant: int = setting(
+        16, "WatchTask streams one tenant may hold open at once, per gateway.",
+        check=_positive, rule="> 0")
+    max_streams: int = setting(1000, "WatchTask streams open at once, per gateway.",
+                               check=_positive, rule="> 0")
 
     fault: str = setting(
         "", "Test-only fault injection point, e.g. gateway.crash_after_store; empty in "

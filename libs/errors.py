@@ -140,3 +140,13 @@ def from_rpc_error(error: grpc.RpcError) -> WeirError:
     if cls is None:
         err.code = code
     return err
+
+
+def excerpt(value: object, limit: int = 64) -> str:
+    """``repr`` of a caller's value for an error message, cut to ``limit`` characters.
+
+    Errors travel in gRPC trailers (8 KiB in all by default): echoing a 12 KB input would
+    turn a clear NOT_FOUND into a transport error, and logs need no copies of hostile input.
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(str(value))} characters)"

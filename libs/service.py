@@ -31,7 +31,7 @@ def run(service: str, start: Callable[[weir_config.WeirConfig], Started]) -> Non
         sys.exit(2)
     logs.setup(service, config.log_level)
     started = start(config)
-    log.info("serving", extra={"address": f"{config.bind_host}:{started.server.port}",
+    log.info("serving", extra={"port": started.server.port,
                                "services": started.server.names})
     try:
         started.server.serve_until_signalled(grace_seconds=config.shutdown_grace_seconds,

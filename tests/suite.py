@@ -45,7 +45,7 @@ class Suite:
                "WEIR_TASK_PARTITIONS": str(self.config.task_partitions),
                "WEIR_SHUTDOWN_GRACE_SECONDS": "2", "WEIR_LEASE_SECONDS": "3",
                "WEIR_SWEEP_INTERVAL_SECONDS": "0.5", "WEIR_UNQUEUED_GRACE_SECONDS": "1",
-               "WEIR_OPERATION_SILENT_SECONDS": "2",
+               "WEIR_OPERATION_SILENT_SECONDS": "2", "WEIR_WEBHOOK_ALLOW_PRIVATE": "true",
                "WEIR_ROUTER_ADDRESS": address["router"],
                "WEIR_DISPATCHER_ADDRESSES": address["dispatcher"],
                "WEIR_NOTIFIER_ADDRESS": address["notifier"]}

@@ -13,6 +13,6 @@ from services.dispatcher.handler import DispatcherHandler
 def create_server(config: WeirConfig, *, directory: ExecutorDirectory) -> GrpcServer:
     """Serves DispatcherService: executor load reports feed the directory."""
     return create_grpc_server(
-        host=config.bind_host, port=config.dispatcher_port, workers=config.grpc_workers,
+        host=config.internal_bind_host, port=config.dispatcher_port, workers=config.grpc_workers,
         servicers=[servicer(dispatcher_pb2_grpc, "DispatcherService",
                             DispatcherHandler(directory))])

@@ -13,6 +13,6 @@ from services.executor_manager.handler import ExecutorHandler
 def create_server(config: WeirConfig, *, executor: Executor) -> GrpcServer:
     """Serves ExecutorService over the executor's worker pool."""
     return create_grpc_server(
-        host=config.bind_host, port=config.executor_manager_port, workers=config.grpc_workers,
+        host=config.internal_bind_host, port=config.executor_manager_port, workers=config.grpc_workers,
         servicers=[servicer(executor_manager_pb2_grpc, "ExecutorService",
                             ExecutorHandler(executor))])

@@ -34,7 +34,7 @@ def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submit
                                max_payload_bytes=config.max_payload_bytes,
                                batch_rate=config.batch_items_per_second)
     return create_grpc_server(
-        host=config.bind_host, port=config.gateway_port, workers=config.grpc_workers,
+        host=config.gateway_bind_host, port=config.gateway_port, workers=config.grpc_workers,
         interceptors=[AuthInterceptor(authenticator)],
         servicers=[
             servicer(tasks_pb2_grpc, "TaskService", task_handler),

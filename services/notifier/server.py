@@ -14,6 +14,6 @@ from services.notifier.handler import NotifierHandler
 def create_server(config: WeirConfig, *, tasks: TaskStore, watchers: Watchers) -> GrpcServer:
     """Serves NotifierService: task event streams."""
     return create_grpc_server(
-        host=config.bind_host, port=config.notifier_port, workers=config.grpc_workers,
+        host=config.internal_bind_host, port=config.notifier_port, workers=config.grpc_workers,
         servicers=[servicer(notifier_pb2_grpc, "NotifierService",
                             NotifierHandler(tasks=tasks, watchers=watchers))])

@@ -13,5 +13,5 @@ from services.router.handler import RouterHandler
 def create_server(config: WeirConfig, *, routes: RouteTable) -> GrpcServer:
     """Serves RouterService from the route table."""
     return create_grpc_server(
-        host=config.bind_host, port=config.router_port, workers=config.grpc_workers,
+        host=config.internal_bind_host, port=config.router_port, workers=config.grpc_workers,
         servicers=[servicer(router_pb2_grpc, "RouterService", RouterHandler(routes))])
