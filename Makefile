@@ -13,7 +13,7 @@ BUF_VERSION := v1.50.0
 PROTOS := $(shell find protos -name '*.proto')
 GATEWAY := 127.0.0.1:$(or $(WEIR_GATEWAY_PORT),50051)
 
-.PHONY: help venv lock proto tools engines schema topics bootstrap run stop status test bench lint clean
+.PHONY: help venv lock proto tools credentials engines schema topics bootstrap run stop status test bench lint clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ $(TOOLS)/grpcurl:
 $(TOOLS)/buf:
 	GOBIN=$(TOOLS) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
 
+credentials: venv ## The deployment CA and each service's TLS certificate (once), in .weir/credentials.
+	$(PY) -m libs.tls init
+
 engines: venv ## Fetch (Maven) and start Kafka and Cassandra on 127.0.0.1.
 	deploy/local/engines.sh start all
 
@@ -55,7 +58,7 @@ schema: venv ## Apply the Cassandra schema migrations.
 topics: venv ## Create the Kafka topics.
 	$(PY) -m libs.kafka.topics
 
-bootstrap: venv proto tools engines schema topics
+bootstrap: venv proto tools credentials engines schema topics
 
 run: bootstrap ## Start the whole suite and a demo tenant.
 	deploy/local/services.sh start

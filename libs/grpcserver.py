@@ -1,34 +1,60 @@
-"""The gRPC server every Weir service runs: health, reflection, error mapping, graceful stop.
+"""The gRPC server every Weir service runs: health, reflection, errors, callers, shutdown.
 
 A service hands `create_server` the servicers it implements; this module adds the standard
-`grpc.health.v1.Health` and server reflection (so grpcurl works out of the box), installs the
-error interceptor, and `serve_until_signalled` runs it until SIGTERM/SIGINT, then shuts down
-in order: health NOT_SERVING, stop taking work, drain, stop with a grace period.
+`grpc.health.v1.Health` and server reflection (so grpcurl works), maps errors, and — for the
+internal services — serves mutual TLS and admits each RPC only from the identities allowed
+to call it.
+
+The server is grpc.aio on an event-loop thread of its own. Servicer methods may be plain
+blocking functions: they run in a bounded thread pool, with `current_call()` telling them
+whether their caller still waits. Streams that mostly wait (WatchTask) are written as async
+generators, so a waiting stream holds no thread that unary calls and health checks need.
+`serve_until_signalled` runs until SIGTERM/SIGINT, then shuts down in order: health
+NOT_SERVING, the service's own work stops, in-flight calls drain, stop with a grace period.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import importlib
+import inspect
 import logging
 import signal
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from concurrent import futures
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from libs.errors import Unimplemented, WeirError
+from libs import tls
+from libs.errors import PermissionDenied, Unauthenticated, Unimplemented, WeirError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-# Health and reflection answer without credentials: probes and grpcurl must work unauthenticated.
+# Health and reflection need no tenant key: probes and grpcurl must work without one (on
+# internal ports the TLS handshake has already asked for a deployment certificate).
 OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME,
                  "grpc.reflection.v1.ServerReflection")
+MAX_CONCURRENT_CALLS = 10_000  # beyond this a server answers RESOURCE_EXHAUSTED at once
+
+Behaviour = Callable[..., Any]
+Around = Callable[[Behaviour], Behaviour]
 
 
 @dataclass(frozen=True)
@@ -36,7 +62,7 @@ class Servicer:
     """One gRPC service a server exposes: its full name and the generated ``add_…_to_server``."""
 
     name: str
-    add: Callable[[grpc.Server], None]
+    add: Callable[[Any], None]
 
 
 def service_name_of(handler_call_details: grpc.HandlerCallDetails) -> str:
@@ -44,21 +70,90 @@ def service_name_of(handler_call_details: grpc.HandlerCallDetails) -> str:
     return handler_call_details.method.rsplit("/", 1)[0].lstrip("/")
 
 
+# --- the call a blocking handler serves ----------------------------------------------------
+
+@dataclass
+class Call:
+    """What blocking handler code knows of its call: whether the caller still waits.
+
+    Long handlers (scans, listings) ask `active` between steps and stop once the caller has
+    gone — cancelled, or past its deadline — instead of working on for nobody.
+    """
+
+    deadline: float | None = None  # time.monotonic() by which the caller stops waiting
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def active(self) -> bool:
+        return not self.cancelled.is_set() and (
+            self.deadline is None or time.monotonic() < self.deadline)
+
+
+_current_call: contextvars.ContextVar[Call] = contextvars.ContextVar("weir_call")
+
+
+def current_call() -> Call:
+    """The call being served (outside a call: one that never ends)."""
+    return _current_call.get(Call())
+
+
+class _Bridge:
+    """Runs blocking behaviours in the server's thread pool, as async behaviours.
+
+    The pool is bounded: calls beyond it wait for a thread instead of starting one each.
+    Cancelling the awaiting task (the client left) marks the `Call`, which the blocking
+    code sees through `current_call()`.
+    """
+
+    NO_DEADLINE = 1e9  # seconds; grpc reports 'no deadline' as a remaining time beyond this
+
+    def __init__(self, pool: futures.ThreadPoolExecutor) -> None:
+        self._pool = pool
+
+    async def run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T],
+                  *args: Any) -> T:
+        remaining = context.time_remaining()
+        call = Call(time.monotonic() + remaining
+                    if remaining is not None and remaining < self.NO_DEADLINE else None)
+        _current_call.set(call)  # this task's context, copied into the thread below
+        run = contextvars.copy_context().run
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, run, fn, *args)
+        except asyncio.CancelledError:
+            call.cancelled.set()
+            raise
+
+    def unary(self, behaviour: Behaviour) -> Behaviour:
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await self.run(context, behaviour, request, context)
+        return unary
+
+    def stream(self, behaviour: Behaviour) -> Behaviour:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+            done = object()
+            items = await self.run(context, lambda: iter(behaviour(request, context)))
+            while (item := await self.run(context, next, items, done)) is not done:
+                yield item
+        return stream
+
+
+_KINDS = (("unary_unary", False, grpc.unary_unary_rpc_method_handler),
+          ("unary_stream", True, grpc.unary_stream_rpc_method_handler),
+          ("stream_unary", False, grpc.stream_unary_rpc_method_handler),
+          ("stream_stream", True, grpc.stream_stream_rpc_method_handler))
+
+
+
 def wrap_handler(handler: grpc.RpcMethodHandler | None,
-                 around: Callable[[Callable[..., Any], bool], Callable[..., Any]]
+                 around: Callable[[Behaviour, bool], Behaviour]
                  ) -> grpc.RpcMethodHandler | None:
     """Rebuilds a method handler with its behaviour wrapped by ``around(behaviour, streams)``.
 
-    ``streams`` tells the wrapper whether the behaviour returns a response iterator, so it can
-    also guard errors raised while the stream is being consumed.
+    Inside the interceptors every behaviour is async: a coroutine function, or an async
+    generator function when ``streams`` (the bridge, innermost, made blocking ones so).
     """
     if handler is None:
         return None
-    kinds = (("unary_unary", False, grpc.unary_unary_rpc_method_handler),
-             ("unary_stream", True, grpc.unary_stream_rpc_method_handler),
-             ("stream_unary", False, grpc.stream_unary_rpc_method_handler),
-             ("stream_stream", True, grpc.stream_stream_rpc_method_handler))
-    for attr, streams, make in kinds:
+    for attr, streams, make in _KINDS:
         behaviour = getattr(handler, attr)
         if behaviour is not None:
             return make(around(behaviour, streams),
@@ -67,66 +162,169 @@ def wrap_handler(handler: grpc.RpcMethodHandler | None,
     return handler
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):
+Admit = Callable[[grpc.aio.ServicerContext], Awaitable[Callable[[], None]]]
+
+
+def admitting(admit: Admit) -> Callable[[Behaviour, bool], Behaviour]:
+    """An ``around`` that awaits ``admit(context)`` before the behaviour — it raises to refuse
+    the call — and calls the undo it returns once the behaviour is over. ``admit`` runs on
+    the event loop: anything blocking belongs in a thread (``asyncio.to_thread``)."""
+
+    def around(behaviour: Behaviour, streams: bool) -> Behaviour:
+        if streams:
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator:
+                undo = await admit(context)
+                try:
+                    async for item in behaviour(request, context):
+                        yield item
+                finally:
+                    undo()
+            return stream
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            undo = await admit(context)
+            try:
+                return await behaviour(request, context)
+            finally:
+                undo()
+        return unary
+
+    return around
+
+
+def _nothing() -> None:
+    return None
+
+
+class _BridgeInterceptor(grpc.aio.ServerInterceptor):
+    """Innermost: turns blocking behaviours into async ones run in the pool."""
+
+    def __init__(self, bridge: _Bridge) -> None:
+        self._bridge = bridge
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        def around(behaviour: Behaviour, streams: bool) -> Behaviour:
+            if inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour):
+                return behaviour
+            return self._bridge.stream(behaviour) if streams else self._bridge.unary(behaviour)
+
+        return wrap_handler(await continuation(handler_call_details), around)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps `WeirError` to its status with details; masks anything unexpected as INTERNAL."""
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method
 
-        def fail(context: grpc.ServicerContext, exc: Exception) -> None:
+        async def fail(context: grpc.aio.ServicerContext, exc: Exception) -> None:
             if isinstance(exc, NotImplementedError):  # the generated base servicer's answer
                 exc = Unimplemented(f"{method.lstrip('/')} is not implemented yet")
             if isinstance(exc, WeirError):
-                context.abort_with_status(exc.to_status())
-            if _is_abort(context):
+                status = exc.to_status()
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            if isinstance(exc, grpc.aio.AbortError):
                 raise exc  # a servicer called context.abort itself: its status stands
             ref = uuid.uuid4().hex[:12]
-            log.exception("unhandled error in %s", method, extra={"error_ref": ref})
-            context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
+            log.error("unhandled error in %s", method, exc_info=exc, extra={"error_ref": ref})
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
 
-        def around(behaviour, streams):
-            def guard_unary(request, context):
+        def around(behaviour: Behaviour, streams: bool) -> Behaviour:
+            if streams:
+                async def stream(request: Any, context: grpc.aio.ServicerContext
+                                 ) -> AsyncIterator:
+                    try:
+                        async for item in behaviour(request, context):
+                            yield item
+                    except Exception as exc:
+                        await fail(context, exc)
+                return stream
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 try:
-                    return behaviour(request, context)
+                    return await behaviour(request, context)
                 except Exception as exc:
-                    fail(context, exc)
+                    await fail(context, exc)
+            return unary
 
-            def guard_stream(request, context) -> Iterator[Any]:
-                try:
-                    yield from behaviour(request, context)
-                except Exception as exc:
-                    fail(context, exc)
-
-            return guard_stream if streams else guard_unary
-
-        return wrap_handler(continuation(handler_call_details), around)
+        return wrap_handler(await continuation(handler_call_details), around)
 
 
-def _is_abort(context: grpc.ServicerContext) -> bool:
-    """True when the exception is grpc's own, raised by ``context.abort`` in a servicer."""
-    code = getattr(context, "code", lambda: None)()
-    return code is not None and code != grpc.StatusCode.OK
+class PeerAuthorizer(grpc.aio.ServerInterceptor):
+    """Admits a call only from the Weir identities allowed to make it.
 
+    ``callers`` maps a service (``weir.internal.router.v1.RouterService``) or a method
+    (``/weir.internal.executor_manager.v1.ExecutorService/Dispatch``) to the identities
+    (`libs.tls.IDENTITIES`) that may call it; the operator may call everything, and every
+    authenticated peer may use health and reflection. Anything not listed is refused.
+    """
+
+    def __init__(self, callers: Mapping[str, Collection[str]]) -> None:
+        self._callers = {name: frozenset(who) | {tls.OPERATOR} for name, who in callers.items()}
+
+    def allowed(self, method: str) -> frozenset[str]:
+        service = method.rsplit("/", 1)[0].lstrip("/")
+        if service in OPEN_SERVICES:
+            return frozenset(tls.IDENTITIES)
+        return self._callers.get(method) or self._callers.get(service) or frozenset()
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        method = handler_call_details.method
+        allowed = self.allowed(method)
+
+        async def admit(context: grpc.aio.ServicerContext) -> Callable[[], None]:
+            identity = tls.peer_identity(context)
+            if identity is None:
+                raise Unauthenticated("a Weir deployment certificate is required",
+                                      reason="PEER_UNAUTHENTICATED")
+            if identity not in allowed:
+                raise PermissionDenied(f"{identity} may not call {method.lstrip('/')}",
+                                       reason="PEER_NOT_ALLOWED",
+                                       metadata={"identity": identity})
+            return _nothing
+
+        return wrap_handler(await continuation(handler_call_details), admitting(admit))
+
+
+# --- the server ----------------------------------------------------------------------------
 
 class GrpcServer:
-    """A started gRPC server with its health servicer, bound to one port."""
+    """A started server on its own event-loop thread, with its health servicer."""
 
-    def __init__(self, *, server: grpc.Server, health_servicer: health.HealthServicer,
-                 names: Sequence[str], port: int) -> None:
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+                 server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                 pool: futures.ThreadPoolExecutor, names: Sequence[str], port: int) -> None:
+        self.loop = loop
+        self._thread = thread
         self.server = server
         self.health = health_servicer
+        self._pool = pool
         self.names = list(names)
         self.port = port
+
+    def call_soon(self, coroutine: Awaitable[T]) -> T:
+        """Runs a coroutine on the server's loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()  # type: ignore
 
     def set_serving(self, serving: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        for name in ["", *self.names]:
-            self.health.set(name, status)
+
+        async def set_all() -> None:
+            for name in ["", *self.names]:
+                await self.health.set(name, status)
+
+        self.call_soon(set_all())
 
     def stop(self, grace_seconds: float) -> None:
         self.set_serving(False)
-        self.server.stop(grace_seconds).wait()
+        self.call_soon(self.server.stop(grace_seconds))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def serve_until_signalled(self, *, grace_seconds: float,
                               drain: Callable[[], None] = lambda: None) -> None:
@@ -143,40 +341,64 @@ class GrpcServer:
         log.info("shutting down", extra={"grace_seconds": grace_seconds})
         self.set_serving(False)
         drain()
-        self.server.stop(grace_seconds).wait()
+        self.stop(grace_seconds)
         log.info("stopped")
 
 
 def create_server(*, host: str, port: int, servicers: Iterable[Servicer], workers: int,
-                  interceptors: Sequence[grpc.ServerInterceptor] = ()) -> GrpcServer:
+                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                  credentials: tls.Credentials | None = None,
+                  callers: Mapping[str, Collection[str]] | None = None) -> GrpcServer:
     """Builds, binds and starts a server with health, reflection and error mapping.
 
     Args:
         host: interface to listen on.
         port: port to bind; 0 picks a free one (read it back from ``GrpcServer.port``).
         servicers: the services this process implements.
-        workers: threads serving calls.
-        interceptors: extra interceptors, run inside the error interceptor so their
-            `WeirError`s are mapped too.
+        workers: threads running blocking handlers.
+        interceptors: extra interceptors (e.g. tenant authentication), run inside the error
+            interceptor so their `WeirError`s are mapped too.
+        credentials: serve mutual TLS with this identity (every internal service); None
+            serves plaintext (the public gateway, which authenticates tenants by API key).
+        callers: with ``credentials``, who may call what (see `PeerAuthorizer`).
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        interceptors=[ErrorInterceptor(), *interceptors],
-        options=[("grpc.so_reuseport", 0)],
-    )
+    if (credentials is None) != (callers is None):
+        raise ValueError("an internal server needs both credentials and its callers")
+    pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc")
+    chain: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+    if callers is not None:
+        chain.append(PeerAuthorizer(callers))
+    chain += [*interceptors, _BridgeInterceptor(_Bridge(pool))]
     servicers = list(servicers)
-    for s in servicers:
-        s.add(server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [s.name for s in servicers]
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME],
-                                        server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
-    server.start()
-    result = GrpcServer(server=server, health_servicer=health_servicer, names=names, port=bound)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="grpc-loop", daemon=True)
+    thread.start()
+
+    async def start() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+        server = grpc.aio.server(interceptors=chain, maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS,
+                                 options=[("grpc.so_reuseport", 0)])
+        for s in servicers:
+            s.add(server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = [s.name for s in servicers]
+        reflection.enable_server_reflection(
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        address = f"{host}:{port}"
+        bound = (server.add_secure_port(address, credentials.server()) if credentials
+                 else server.add_insecure_port(address))
+        if bound == 0:
+            raise OSError(f"cannot bind {address}")
+        await server.start()
+        return server, health_servicer, bound
+
+    try:
+        server, health_servicer, bound = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        raise
+    result = GrpcServer(loop=loop, thread=thread, server=server, health_servicer=health_servicer,
+                        pool=pool, names=[s.name for s in servicers], port=bound)
     result.set_serving(True)
     return result
 

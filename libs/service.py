@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from libs import config as weir_config, logs
+from libs import config as weir_config, logs, tls
 from libs.grpcserver import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,11 @@ def run(service: str, start: Callable[[weir_config.WeirConfig], Started]) -> Non
         print(f"{service}: {exc}", file=sys.stderr)
         sys.exit(2)
     logs.setup(service, config.log_level)
-    started = start(config)
+    try:
+        started = start(config)
+    except tls.MissingCredentials as exc:
+        print(f"{service}: {exc}", file=sys.stderr)
+        sys.exit(2)
     log.info("serving", extra={"port": started.server.port,
                                "services": started.server.names})
     try:

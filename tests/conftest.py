@@ -56,7 +56,8 @@ def suite(suite_config, tmp_path_factory):
     """The five services running as processes against the session's keyspace and topics."""
     from tests.suite import Suite
 
-    running = Suite(config=suite_config, log_dir=tmp_path_factory.mktemp("service-logs"))
+    running = Suite(config=suite_config, log_dir=tmp_path_factory.mktemp("service-logs"),
+                    credentials_dir=tmp_path_factory.mktemp("credentials"))
     try:
         running.start()
         yield running

@@ -10,6 +10,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
+from libs import tls
 from libs.config import WeirConfig
 from libs.healthcheck import is_serving
 from tests.helpers import free_port
@@ -18,9 +21,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("router", "notifier", "executor_manager", "dispatcher", "gateway")
 
 
+def identity_of(name: str) -> str:
+    """The TLS identity of a service (``executor_manager`` -> ``executor-manager``)."""
+    return name.replace("_", "-")
+
+
 @dataclass
 class RunningService:
     name: str
+    module: str  # the service package it runs, e.g. executor_manager
     address: str
     process: subprocess.Popen
     log_path: Path
@@ -32,6 +41,7 @@ class Suite:
 
     config: WeirConfig
     log_dir: Path
+    credentials_dir: Path
     services: dict[str, RunningService] = field(default_factory=dict)
 
     ports: dict[str, int] = field(default_factory=dict)
@@ -48,12 +58,14 @@ class Suite:
                "WEIR_OPERATION_SILENT_SECONDS": "2", "WEIR_WEBHOOK_ALLOW_PRIVATE": "true",
                "WEIR_ROUTER_ADDRESS": address["router"],
                "WEIR_DISPATCHER_ADDRESSES": address["dispatcher"],
-               "WEIR_NOTIFIER_ADDRESS": address["notifier"]}
+               "WEIR_NOTIFIER_ADDRESS": address["notifier"],
+               "WEIR_CREDENTIALS_DIR": str(self.credentials_dir)}
         env.update({f"WEIR_{name.upper()}_PORT": str(port) for name, port in self.ports.items()})
         env.update(overrides)
         return env
 
     def start(self) -> None:
+        tls.init(self.credentials_dir)
         self.ports = {name: free_port() for name in SERVICES}
         for name in SERVICES:
             self.launch(name)
@@ -70,13 +82,16 @@ class Suite:
         process = subprocess.Popen([sys.executable, "-m", f"services.{module or name}"],
                                    cwd=ROOT, env=self.env(**env), stdout=log_path.open("ab"),
                                    stderr=subprocess.STDOUT)
-        self.services[name] = RunningService(name, f"127.0.0.1:{self.ports[name]}", process,
-                                             log_path)
+        self.services[name] = RunningService(name, module or name,
+                                             f"127.0.0.1:{self.ports[name]}", process, log_path)
 
     def wait_serving(self, name: str, timeout: float = 60) -> None:
         service = self.services[name]
         deadline = time.monotonic() + timeout
-        while not is_serving(service.address):
+        internal = service.module != "gateway"
+        while not is_serving(service.address,
+                             credentials=self.credentials(tls.OPERATOR) if internal else None,
+                             peer=identity_of(service.module) if internal else ""):
             if service.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{service.name} did not start:\n"
                                    f"{service.log_path.read_text()[-3000:]}")
@@ -126,3 +141,12 @@ class Suite:
 
     def address(self, name: str) -> str:
         return self.services[name].address
+
+    def credentials(self, identity: str) -> tls.Credentials:
+        """The deployment credentials of an identity (``operator``, ``dispatcher``…)."""
+        return tls.Credentials.load(self.credentials_dir, identity)
+
+    def internal_channel(self, name: str, *, identity: str = tls.OPERATOR) -> grpc.Channel:
+        """A mutual-TLS channel to an internal service, as ``identity``."""
+        return self.credentials(identity).channel(self.address(name),
+                                                  identity_of(self.services[name].module))

@@ -12,6 +12,8 @@ SERVICES=(router notifier executor_manager dispatcher gateway)
 mkdir -p "$RUN" "$LOG"
 
 port_of() { "$PY" -c "from libs import config; print(config.load().port_of('$1'))"; }
+# Internal services answer only mutual TLS: their health is checked as the operator.
+peer_of() { [[ $1 == gateway ]] || echo "--peer ${1//_/-}"; }
 alive() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
 
 start() {
@@ -24,7 +26,8 @@ start() {
   done
   for s in "${SERVICES[@]}"; do
     local port; port=$(port_of "$s")
-    if ! "$PY" -m libs.healthcheck "127.0.0.1:$port" --timeout 60; then
+    # shellcheck disable=SC2046  # peer_of prints nothing or two words on purpose
+    if ! "$PY" -m libs.healthcheck "127.0.0.1:$port" --timeout 60 $(peer_of "$s"); then
       echo "$s did not become healthy; last log lines:" >&2
       tail -n 20 "$LOG/$s.log" >&2
       exit 1

@@ -3,10 +3,9 @@
 import functools
 from datetime import timedelta
 
-import grpc
 from weir.internal.executor_manager.v1 import executor_manager_pb2_grpc
 
-from libs import service
+from libs import service, tls
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.parked import ParkedStore
 from libs.cassandra.session import close, connect
@@ -24,6 +23,7 @@ TIMER_POLL_SECONDS = 0.2  # under the poller's 1 s lookahead, so no timer is rea
 
 
 def start(config: WeirConfig) -> service.Started:
+    credentials = tls.Credentials.of(config, "dispatcher")
     session = connect(config)
     producer = Producer(bootstrap=config.kafka_bootstrap, client_id="dispatcher")
     lifecycle = Lifecycle.of_service(session, producer, service="dispatcher",
@@ -38,7 +38,9 @@ def start(config: WeirConfig) -> service.Started:
 
     @functools.cache
     def stub_for(address: str) -> executor_manager_pb2_grpc.ExecutorServiceStub:
-        return executor_manager_pb2_grpc.ExecutorServiceStub(grpc.insecure_channel(address))
+        # The executor must prove it is one: a reported address alone gets no task.
+        return executor_manager_pb2_grpc.ExecutorServiceStub(
+            credentials.channel(address, "executor-manager"))
 
     dispatcher = Dispatcher(dispatcher_id=dispatcher_id, lifecycle=lifecycle,
                             functions=functions, parked=ParkedStore(session), consumer=consumer,

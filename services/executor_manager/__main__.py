@@ -4,7 +4,7 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
-from libs import service
+from libs import service, tls
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.session import close, connect
 from libs.config import WeirConfig
@@ -18,6 +18,7 @@ from services.executor_manager.server import create_server
 
 
 def start(config: WeirConfig) -> service.Started:
+    credentials = tls.Credentials.of(config, "executor-manager")
     session = connect(config)
     producer = Producer(bootstrap=config.kafka_bootstrap, client_id="executor-manager")
     pool = WorkerPool(size=config.worker_processes,
@@ -35,7 +36,8 @@ def start(config: WeirConfig) -> service.Started:
     executor.executor_id = config.executor_id or address
     reporter = LoadReporter(executor_id=executor.executor_id, address=address,
                             dispatchers=[a.strip() for a in config.dispatcher_addresses.split(",")
-                                         if a.strip()], load=executor.load).start()
+                                         if a.strip()], load=executor.load,
+                            channel_for=lambda a: credentials.channel(a, "dispatcher")).start()
     reporter_box.append(reporter)
     renewer = Periodic("lease-renewer", config.lease_seconds / 3, executor.renew_leases).start()
 

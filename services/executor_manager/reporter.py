@@ -18,11 +18,12 @@ class LoadReporter:
     (short tasks would otherwise wait up to a whole interval for the next report)."""
 
     def __init__(self, *, executor_id: str, address: str, dispatchers: list[str],
+                 channel_for: Callable[[str], grpc.Channel],
                  load: Callable[[], executor_manager_pb2.GetLoadResponse],
                  interval_seconds: float = 1.0) -> None:
         self._executor_id = executor_id
         self._address = address
-        self._stubs = [dispatcher_pb2_grpc.DispatcherServiceStub(grpc.insecure_channel(a))
+        self._stubs = [dispatcher_pb2_grpc.DispatcherServiceStub(channel_for(a))
                        for a in dispatchers]
         self._load = load
         self._interval = interval_seconds

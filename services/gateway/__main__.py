@@ -4,12 +4,11 @@ import functools
 import uuid
 from datetime import timedelta
 
-import grpc
 from weir.internal.executor_manager.v1 import executor_manager_pb2_grpc
 from weir.internal.notifier.v1 import notifier_pb2_grpc
 from weir.internal.router.v1 import router_pb2, router_pb2_grpc
 
-from libs import service
+from libs import service, tls
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.functions import FunctionStore
@@ -31,11 +30,17 @@ OPERATION_POLL_SECONDS = 0.5
 
 
 def start(config: WeirConfig) -> service.Started:
+    credentials = tls.Credentials.of(config, "gateway")
     session = connect(config)
     producer = Producer(bootstrap=config.kafka_bootstrap, client_id="gateway")
-    router = router_pb2_grpc.RouterServiceStub(grpc.insecure_channel(config.router_address))
-    notifier = notifier_pb2_grpc.NotifierServiceStub(
-        grpc.insecure_channel(config.notifier_address))
+    router = router_pb2_grpc.RouterServiceStub(
+        credentials.channel(config.router_address, "router"))
+
+    @functools.cache
+    def notifier() -> notifier_pb2_grpc.NotifierServiceStub:
+        # asyncio channel: made on first use, on the server's event loop that uses it.
+        return notifier_pb2_grpc.NotifierServiceStub(
+            credentials.aio_channel(config.notifier_address, "notifier"))
     lifecycle = Lifecycle.of_service(session, producer, service="gateway",
                                      topic_prefix=config.topic_prefix)
     functions, dedup = FunctionStore(session), DedupStore(session)
@@ -47,7 +52,8 @@ def start(config: WeirConfig) -> service.Started:
 
     @functools.cache
     def executor_for(address: str) -> executor_manager_pb2_grpc.ExecutorServiceStub:
-        return executor_manager_pb2_grpc.ExecutorServiceStub(grpc.insecure_channel(address))
+        return executor_manager_pb2_grpc.ExecutorServiceStub(
+            credentials.channel(address, "executor-manager"))
 
     submitter = Submitter(tasks=lifecycle.tasks, timers=TimerStore(session), functions=functions,
                           dedup=dedup, route=route, producer=producer,

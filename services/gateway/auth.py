@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from datetime import timedelta
+from typing import Any
 
 import grpc
 
 from libs.cassandra.tenants import hash_api_key
 from libs.errors import Unauthenticated
-from libs.grpcserver import OPEN_SERVICES, service_name_of, wrap_handler
+from libs.grpcserver import OPEN_SERVICES, admitting, service_name_of, wrap_handler
 
 # The tenant of the call being served; set by `AuthInterceptor` around each handler.
 current_tenant: ContextVar[str] = ContextVar("current_tenant")
@@ -30,60 +32,71 @@ class ApiKeyAuthenticator:
         self._lock = threading.Lock()
 
     def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> str:
-        """The tenant the call's key belongs to.
+        """The tenant the call's key belongs to (may read Cassandra: call it off the loop).
 
         Raises:
-            Unauthenticated: no ``authorization`` header, not a bearer key, or an unknown key.
+            Unauthenticated: no ``authorization`` header, more than one, not a bearer key,
+                or an unknown key.
         """
+        key_hash, api_key = self.key_of(metadata)
+        tenant = self.cached(key_hash)
+        if tenant is not None:
+            return tenant
+        tenant = self._tenant_of(api_key)
+        if tenant is None:
+            raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
+        with self._lock:
+            self._cache[key_hash] = (tenant, self._clock() + self._cache_for)
+        return tenant
+
+    def cached(self, key_hash: str) -> str | None:
+        """The tenant of a key resolved within the cache time, without any I/O."""
+        with self._lock:
+            hit = self._cache.get(key_hash)
+        return hit[0] if hit and hit[1] > self._clock() else None
+
+    @staticmethod
+    def key_of(metadata: Sequence[tuple[str, str | bytes]]) -> tuple[str, str]:
+        """(hash, key) of the one bearer key in the metadata."""
         values = [v for k, v in metadata if k == "authorization"]
         if not values:
             raise Unauthenticated("missing authorization metadata: send "
                                   "'authorization: Bearer <api key>'", reason="API_KEY_MISSING")
-        scheme, _, api_key = str(values[0]).strip().partition(" ")
+        if len(values) > 1:  # which one would count is a guess no caller should rely on
+            raise Unauthenticated("more than one authorization header",
+                                  reason="API_KEY_AMBIGUOUS")
+        value = values[0].decode(errors="replace") if isinstance(values[0], bytes) \
+            else values[0]
+        scheme, _, api_key = value.strip().partition(" ")
         if scheme.lower() != "bearer" or not api_key.strip():
             raise Unauthenticated("authorization must be 'Bearer <api key>'",
                                   reason="API_KEY_MALFORMED")
-        key_hash = hash_api_key(api_key.strip())
-        now = self._clock()
-        with self._lock:
-            cached = self._cache.get(key_hash)
-        if cached and cached[1] > now:
-            return cached[0]
-        tenant = self._tenant_of(api_key.strip())
-        if tenant is None:
-            raise Unauthenticated("unknown API key", reason="API_KEY_INVALID")
-        with self._lock:
-            self._cache[key_hash] = (tenant, now + self._cache_for)
-        return tenant
+        return hash_api_key(api_key.strip()), api_key.strip()
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Authenticates every call except health and reflection, and sets `current_tenant`."""
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call except health and reflection, and sets `current_tenant`.
+
+    A key seen within the cache time is resolved on the event loop; any other is looked up
+    in a thread, so a flood of unknown keys cannot stall the loop that serves everyone.
+    """
 
     def __init__(self, authenticator: ApiKeyAuthenticator) -> None:
         self._authenticator = authenticator
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
         if service_name_of(handler_call_details) in OPEN_SERVICES:
             return handler
-        authenticate = self._authenticator.authenticate
+        authenticator = self._authenticator
 
-        def around(behaviour, streams):
-            def unary(request, context):
-                token = current_tenant.set(authenticate(context.invocation_metadata()))
-                try:
-                    return behaviour(request, context)
-                finally:
-                    current_tenant.reset(token)
+        async def admit(context: grpc.aio.ServicerContext) -> Callable[[], None]:
+            metadata = context.invocation_metadata() or ()
+            key_hash, _ = authenticator.key_of(metadata)
+            tenant = authenticator.cached(key_hash) or await asyncio.to_thread(
+                authenticator.authenticate, metadata)
+            token = current_tenant.set(tenant)
+            return lambda: current_tenant.reset(token)
 
-            def stream(request, context) -> Iterator:
-                token = current_tenant.set(authenticate(context.invocation_metadata()))
-                try:
-                    yield from behaviour(request, context)
-                finally:
-                    current_tenant.reset(token)
-
-            return stream if streams else unary
-
-        return wrap_handler(handler, around)
+        return wrap_handler(handler, admitting(admit))

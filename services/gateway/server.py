@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 from weir.internal.notifier.v1 import notifier_pb2_grpc
@@ -19,20 +20,23 @@ from services.gateway.dead_letters import DeadLetterHandler, OperationHandler
 from services.gateway.engine import Submitter
 from services.gateway.functions import FunctionHandler
 from services.gateway.operations import OperationStarter
+from services.gateway.streams import StreamQuota
 from services.gateway.tasks import TaskHandler
 
 
 def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submitter,
                   lifecycle: Lifecycle, control: TaskControl, functions: FunctionStore,
                   dead_letters: DeadLetterStore, operations: OperationStarter,
-                  notifier: notifier_pb2_grpc.NotifierServiceStub) -> GrpcServer:
+                  notifier: Callable[[], notifier_pb2_grpc.NotifierServiceStub]) -> GrpcServer:
     """Serves the public API on the gateway port; every call must carry a tenant's API key."""
     authenticator = ApiKeyAuthenticator(
         tenant_of=tenants.tenant_of, cache_for=timedelta(seconds=config.api_key_cache_seconds))
     task_handler = TaskHandler(submitter=submitter, lifecycle=lifecycle, control=control,
                                operations=operations, notifier=notifier,
                                max_payload_bytes=config.max_payload_bytes,
-                               batch_rate=config.batch_items_per_second)
+                               batch_rate=config.batch_items_per_second,
+                               streams=StreamQuota(per_tenant=config.max_streams_per_tenant,
+                                                   total=config.max_streams))
     return create_grpc_server(
         host=config.gateway_bind_host, port=config.gateway_port, workers=config.grpc_workers,
         interceptors=[AuthInterceptor(authenticator)],

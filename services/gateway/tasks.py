@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf import empty_pb2
@@ -19,6 +21,7 @@ from services.gateway.control import ScanPosition, TaskControl, scan_tasks
 from services.gateway.engine import Submitter, raise_for_single
 from services.gateway.filters import TaskFilter
 from services.gateway.operations import OperationStarter, new_operation
+from services.gateway.streams import StreamQuota
 
 View = tasks_pb2.TaskView
 Kind = records_pb2.OperationKind
@@ -38,7 +41,8 @@ def shape(task: tasks_pb2.Task, view: int, stages=()) -> tasks_pb2.Task:
 class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
     def __init__(self, *, submitter: Submitter, lifecycle: Lifecycle, control: TaskControl,
                  operations: OperationStarter, max_payload_bytes: int, batch_rate: float,
-                 notifier: notifier_pb2_grpc.NotifierServiceStub) -> None:
+                 notifier: Callable[[], notifier_pb2_grpc.NotifierServiceStub],
+                 streams: StreamQuota) -> None:
         self._submitter = submitter
         self._lifecycle = lifecycle
         self._tasks = lifecycle.tasks
@@ -46,7 +50,8 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         self._operations = operations
         self._batch_rate = batch_rate
         self._max_payload = max_payload_bytes
-        self._notifier = notifier
+        self._notifier = notifier  # an asyncio stub, made on the server's loop
+        self._streams = streams
 
     def CreateTask(self, request, context):
         validation.check_create(request, max_payload_bytes=self._max_payload)
@@ -115,31 +120,47 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
             raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
         return stored
 
-    def WatchTask(self, request, context):
-        self._get(request.task_id)
+    async def WatchTask(self, request: tasks_pb2.WatchTaskRequest,
+                        context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[tasks_pb2.WatchTaskResponse]:
+        """Relays the notifier's events; a coroutine, so a waiting stream holds no thread."""
         tenant = current_tenant.get()
-        remaining = context.time_remaining()  # about 9.2e18 when the caller set no deadline
-        events = self._notifier.WatchTask(
-            notifier_pb2.WatchTaskRequest(tenant_id=tenant, task_id=request.task_id),
-            timeout=remaining if remaining < NO_DEADLINE else None)
-        context.add_callback(events.cancel)  # the caller left: stop the upstream stream too
+        close = self._streams.open(tenant)
         try:
-            yield from self._relay(events, tenant, request.task_id)
-        except grpc.RpcError as error:
-            if error.code() == grpc.StatusCode.CANCELLED:
-                return
-            raise Unavailable(f"the watch was interrupted: {error.details()}") from error
+            await asyncio.to_thread(self._get, request.task_id)
+            events = self._notifier().WatchTask(
+                notifier_pb2.WatchTaskRequest(tenant_id=tenant, task_id=request.task_id),
+                timeout=_deadline_of(context))
+            try:
+                async for reply in events:
+                    yield await asyncio.to_thread(self._response, reply, tenant,
+                                                  request.task_id)
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.CANCELLED:
+                    return
+                raise Unavailable("the watch was interrupted: "
+                                  f"{error.details()}") from error
+            finally:
+                events.cancel()  # the caller left (or the stream ended): stop upstream too
+        finally:
+            close()
 
-    def _relay(self, events, tenant: str, task_id: str):
-        for reply in events:
-            stage = reply.event.stage
-            stored = self._tasks.get(tenant, task_id) if stage.state in FINAL_STATES else None
-            task = stored.record.task if stored else tasks_pb2.Task(task_id=task_id,
-                                                                    state=stage.state)
-            result = task.result
-            task = shape(task, View.TASK_VIEW_BASIC)
-            task.result = result
-            yield tasks_pb2.WatchTaskResponse(stage=stage, task=task)
+    def _response(self, reply: notifier_pb2.WatchTaskResponse, tenant: str,
+                  task_id: str) -> tasks_pb2.WatchTaskResponse:
+        stage = reply.event.stage
+        stored = self._tasks.get(tenant, task_id) if stage.state in FINAL_STATES else None
+        task = stored.record.task if stored else tasks_pb2.Task(task_id=task_id,
+                                                                state=stage.state)
+        result = task.result
+        task = shape(task, View.TASK_VIEW_BASIC)
+        task.result = result
+        return tasks_pb2.WatchTaskResponse(stage=stage, task=task)
+
+
+def _deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's remaining time, to pass upstream (None when it set no deadline)."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < NO_DEADLINE else None
 
 
 def _encode_token(position: ScanPosition) -> str:

@@ -8,7 +8,8 @@ from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from libs.kafka.client import Consumer
 from libs.kafka.topics import results_topic
-from services.notifier.engine import DeliveryStore, Notifier, Watchers, WebhookSender
+from services.notifier.engine import DeliveryStore, Notifier, WebhookSender
+from services.notifier.watch import Watchers
 from services.notifier.server import create_server
 
 

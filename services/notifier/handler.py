@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import grpc
 from weir.internal.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 
 from libs.cassandra.tasks import TaskStore
 from libs.errors import InvalidArgument
-from services.notifier.engine import Watchers, watch
+from services.notifier.watch import Watchers, watch
+
+MAX_ID_CHARS = 128
 
 
 class NotifierHandler(notifier_pb2_grpc.NotifierServiceServicer):
@@ -14,10 +19,14 @@ class NotifierHandler(notifier_pb2_grpc.NotifierServiceServicer):
         self._tasks = tasks
         self._watchers = watchers
 
-    def WatchTask(self, request, context):
-        missing = {f: "required" for f in ("tenant_id", "task_id") if not getattr(request, f)}
-        if missing:
-            raise InvalidArgument(missing)
-        for event in watch(self._tasks, self._watchers, request.tenant_id, request.task_id,
-                           active=context.is_active):
+    async def WatchTask(self, request: notifier_pb2.WatchTaskRequest,
+                        context: grpc.aio.ServicerContext
+                        ) -> AsyncIterator[notifier_pb2.WatchTaskResponse]:
+        problems = {f: f"required; at most {MAX_ID_CHARS} characters"
+                    for f in ("tenant_id", "task_id")
+                    if not 0 < len(getattr(request, f)) <= MAX_ID_CHARS}
+        if problems:
+            raise InvalidArgument(problems)
+        async for event in watch(self._tasks, self._watchers, request.tenant_id,
+                                 request.task_id):
             yield notifier_pb2.WatchTaskResponse(event=event)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from weir.internal.router.v1 import router_pb2_grpc
 
+from libs import tls
 from libs.config import WeirConfig
 from libs.grpcserver import GrpcServer, create_server as create_grpc_server, servicer
 from services.router.engine import RouteTable
 from services.router.handler import RouterHandler
 
+# Gateways route the tasks they accept.
+CALLERS = {"weir.internal.router.v1.RouterService": {"gateway"}}
+
 
 def create_server(config: WeirConfig, *, routes: RouteTable) -> GrpcServer:
-    """Serves RouterService from the route table."""
+    """Serves RouterService from the route table, over mutual TLS."""
     return create_grpc_server(
         host=config.internal_bind_host, port=config.router_port, workers=config.grpc_workers,
+        credentials=tls.Credentials.of(config, "router"), callers=CALLERS,
         servicers=[servicer(router_pb2_grpc, "RouterService", RouterHandler(routes))])

@@ -30,8 +30,14 @@ EXPECTED_SERVICES = {
 }
 
 
-def listed_services(address: str) -> set[str]:
-    with grpc.insecure_channel(address) as channel:
+def channel_to(suite, name: str) -> grpc.Channel:
+    """Plaintext to the public gateway; mutual TLS as the operator to an internal service."""
+    return (grpc.insecure_channel(suite.address(name)) if name == "gateway"
+            else suite.internal_channel(name))
+
+
+def listed_services(suite, name: str) -> set[str]:
+    with channel_to(suite, name) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = stub.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
@@ -40,7 +46,7 @@ def listed_services(address: str) -> set[str]:
 
 @pytest.mark.parametrize("name", SERVICES)
 def test_every_service_reports_serving_for_itself_and_each_of_its_services(suite, name):
-    with grpc.insecure_channel(suite.address(name)) as channel:
+    with channel_to(suite, name) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ["", *EXPECTED_SERVICES[name]]:
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -49,7 +55,7 @@ def test_every_service_reports_serving_for_itself_and_each_of_its_services(suite
 
 @pytest.mark.parametrize("name", SERVICES)
 def test_every_service_lists_its_services_through_reflection(suite, name):
-    listed = listed_services(suite.address(name))
+    listed = listed_services(suite, name)
     assert EXPECTED_SERVICES[name] <= listed
     assert "grpc.health.v1.Health" in listed
 
@@ -76,7 +82,7 @@ def test_a_wrong_api_key_is_unauthenticated(suite, key):
 
 
 def test_internal_rpcs_validate_their_requests(suite):
-    with (grpc.insecure_channel(suite.address("router")) as channel,
+    with (suite.internal_channel("router", identity="gateway") as channel,
           pytest.raises(grpc.RpcError) as raised):
         router_pb2_grpc.RouterServiceStub(channel).GetRoute(router_pb2.GetRouteRequest(),
                                                            timeout=5)
@@ -94,14 +100,26 @@ def test_an_invalid_setting_stops_the_service_at_start_naming_the_variable(suite
     assert "WEIR_ROUTER_PORT" in result.stderr
 
 
-def test_sigterm_stops_a_service_gracefully_and_promptly(suite_config):
+def test_a_service_without_its_credentials_stops_at_start_saying_how_to_make_them(
+        suite_config, tmp_path):
+    env = {"WEIR_CREDENTIALS_DIR": str(tmp_path / "none"), "PATH": "/usr/bin:/bin",
+           "WEIR_ROUTER_PORT": str(free_port()), "WEIR_KEYSPACE": suite_config.keyspace}
+    result = subprocess.run([sys.executable, "-m", "services.router"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "python -m libs.tls init" in result.stderr
+
+
+def test_sigterm_stops_a_service_gracefully_and_promptly(suite):
     port = free_port()
     env = {"WEIR_ROUTER_PORT": str(port), "WEIR_SHUTDOWN_GRACE_SECONDS": "1",
-           "WEIR_KEYSPACE": suite_config.keyspace, "PATH": "/usr/bin:/bin"}
+           "WEIR_KEYSPACE": suite.config.keyspace, "PATH": "/usr/bin:/bin",
+           "WEIR_CREDENTIALS_DIR": str(suite.credentials_dir)}
     process = subprocess.Popen([sys.executable, "-m", "services.router"], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until_serving(f"127.0.0.1:{port}", timeout_seconds=60)
+        wait_until_serving(f"127.0.0.1:{port}", timeout_seconds=60,
+                           credentials=suite.credentials("operator"), peer="router")
         began = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0

@@ -1,22 +1,43 @@
-"""The error interceptor, over real gRPC in-process: what a caller sees for each failure."""
+"""The server layer over real gRPC in-process: what a caller sees for each failure, and how
+blocking handlers and waiting streams share the server."""
 
 from __future__ import annotations
+
+import asyncio
+import threading
 
 import grpc
 import pytest
 from weir.v1 import tasks_pb2, tasks_pb2_grpc
 
 from libs import errors
-from libs.grpcserver import create_server, servicer
+from libs.grpcserver import create_server, current_call, servicer
+from tests.helpers import eventually
+
+WORKERS = 2
 
 
 class Failing(tasks_pb2_grpc.TaskServiceServicer):
+    def __init__(self) -> None:
+        self.stopped_waiting = threading.Event()
+
     def GetTask(self, request, context):
         if request.task_id == "bad":
             raise errors.InvalidArgument({"task_id": "must not be 'bad'"})
-        if request.task_id == "abort":
-            context.abort(grpc.StatusCode.NOT_FOUND, "no such task")
+        if request.task_id == "fine":
+            return tasks_pb2.Task(task_id="fine")
+        if request.task_id == "wait":  # a long scan: steps until its caller is gone
+            while current_call().active():
+                threading.Event().wait(0.01)
+            self.stopped_waiting.set()
+            return tasks_pb2.Task()
         raise RuntimeError("secret database password in this message")
+
+    async def DeleteTask(self, request, context):
+        await context.abort(grpc.StatusCode.NOT_FOUND, "no such task")
+
+    async def ListTasks(self, request, context):  # waits like a watch on an idle task
+        await asyncio.sleep(3600)
 
     def WatchTask(self, request, context):
         yield tasks_pb2.WatchTaskResponse()
@@ -24,9 +45,14 @@ class Failing(tasks_pb2_grpc.TaskServiceServicer):
 
 
 @pytest.fixture(scope="module")
-def stub():
-    server = create_server(host="127.0.0.1", port=0, workers=4,
-                           servicers=[servicer(tasks_pb2_grpc, "TaskService", Failing())])
+def implementation():
+    return Failing()
+
+
+@pytest.fixture(scope="module")
+def stub(implementation):
+    server = create_server(host="127.0.0.1", port=0, workers=WORKERS, servicers=[
+        servicer(tasks_pb2_grpc, "TaskService", implementation)])
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     yield tasks_pb2_grpc.TaskServiceStub(channel)
     channel.close()
@@ -54,8 +80,8 @@ def test_an_unexpected_exception_is_internal_and_its_message_is_masked(stub):
 
 
 def test_a_servicer_that_aborts_itself_keeps_its_status(stub):
-    error = call_error(lambda: stub.GetTask(tasks_pb2.GetTaskRequest(task_id="abort"),
-                                            timeout=5))
+    error = call_error(lambda: stub.DeleteTask(tasks_pb2.DeleteTaskRequest(task_id="t"),
+                                               timeout=5))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert error.details() == "no such task"
 
@@ -73,3 +99,22 @@ def test_an_rpc_not_built_yet_is_unimplemented_by_name(stub):
                                                timeout=5))
     assert error.code() == grpc.StatusCode.UNIMPLEMENTED
     assert error.details() == "weir.v1.TaskService/CancelTask is not implemented yet"
+
+
+def test_a_blocking_handler_learns_that_its_caller_left(stub, implementation):
+    future = stub.GetTask.future(tasks_pb2.GetTaskRequest(task_id="wait"))
+    future.cancel()
+    assert implementation.stopped_waiting.wait(5)
+
+
+def test_waiting_streams_hold_no_thread_that_unary_calls_need(stub):
+    streams = [stub.ListTasks.future(tasks_pb2.ListTasksRequest(), timeout=30)
+               for _ in range(WORKERS * 10)]
+    try:
+        answers = [stub.GetTask(tasks_pb2.GetTaskRequest(task_id="fine"), timeout=5)
+                   for _ in range(WORKERS * 3)]
+        assert all(a.task_id == "fine" for a in answers)
+        assert eventually(lambda: not any(s.done() for s in streams))
+    finally:
+        for s in streams:
+            s.cancel()

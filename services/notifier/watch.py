@@ -1,0 +1,73 @@
+"""Live task event streams: every stage of a task so far, then each new one, until final.
+
+A stream mostly waits, so it is a coroutine on the server's event loop and holds no thread:
+the consumer thread wakes it through `Watchers` when an outcome of its task arrives, and it
+looks at the timeline again at least every ``poll_seconds`` (the timeline is also written by
+services whose stages travel no topic, e.g. DISPATCHED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from weir.storage.v1 import records_pb2
+
+from libs.cassandra.tasks import FINAL_STATES, TaskStore
+
+Key = tuple[str, str]  # (tenant_id, task_id)
+
+
+class Watchers:
+    """Who waits for news of which task; `notify` may be called from any thread."""
+
+    def __init__(self) -> None:
+        self._callbacks: dict[Key, set[Callable[[], None]]] = {}
+        self._lock = threading.Lock()
+
+    def subscribe(self, key: Key, callback: Callable[[], None]) -> Callable[[], None]:
+        """Calls ``callback`` on each `notify` of ``key``; returns the unsubscribe."""
+        with self._lock:
+            self._callbacks.setdefault(key, set()).add(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                callbacks = self._callbacks.get(key, set())
+                callbacks.discard(callback)
+                if not callbacks:
+                    self._callbacks.pop(key, None)
+
+        return unsubscribe
+
+    def notify(self, key: Key) -> None:
+        with self._lock:
+            callbacks = list(self._callbacks.get(key, ()))
+        for callback in callbacks:
+            callback()
+
+
+async def watch(tasks: TaskStore, watchers: Watchers, tenant_id: str, task_id: str, *,
+                poll_seconds: float = 0.25) -> AsyncIterator[records_pb2.TaskEvent]:
+    """The task's stages as events, oldest first, then each new one, until a final stage."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    unsubscribe = watchers.subscribe((tenant_id, task_id),
+                                     lambda: loop.call_soon_threadsafe(wake.set))
+    sent: set[tuple[int, int, int]] = set()
+    try:
+        while True:
+            wake.clear()
+            for stage in await asyncio.to_thread(tasks.stages, tenant_id, task_id):
+                mark = (stage.state, stage.time.seconds, stage.time.nanos)
+                if mark in sent:
+                    continue
+                sent.add(mark)
+                yield records_pb2.TaskEvent(tenant_id=tenant_id, task_id=task_id, stage=stage)
+                if stage.state in FINAL_STATES:
+                    return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), poll_seconds)
+    finally:
+        unsubscribe()
