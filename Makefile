@@ -13,7 +13,7 @@ BUF_VERSION := v1.50.0
 PROTOS := $(shell find protos -name '*.proto')
 GATEWAY := 127.0.0.1:$(or $(WEIR_GATEWAY_PORT),50051)
 
-.PHONY: help venv lock proto tools credentials engines schema topics bootstrap run stop status test bench lint clean
+.PHONY: help venv lock proto tools credentials worker-user engines schema topics bootstrap run stop status test bench lint clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ $(TOOLS)/buf:
 credentials: venv ## The deployment CA and each service's TLS certificate (once), in .weir/credentials.
 	$(PY) -m libs.tls init
 
+worker-user: ## The unprivileged user workers run as when the suite runs as root.
+	deploy/local/worker-user.sh
+
 engines: venv ## Fetch (Maven) and start Kafka and Cassandra on 127.0.0.1.
 	deploy/local/engines.sh start all
 
@@ -58,7 +61,7 @@ schema: venv ## Apply the Cassandra schema migrations.
 topics: venv ## Create the Kafka topics.
 	$(PY) -m libs.kafka.topics
 
-bootstrap: venv proto tools credentials engines schema topics
+bootstrap: venv proto tools credentials worker-user engines schema topics
 
 run: bootstrap ## Start the whole suite and a demo tenant.
 	deploy/local/services.sh start
@@ -80,7 +83,7 @@ lint: venv tools ## ruff and buf lint.
 	mkdir -p .cache/protodeps/google/rpc && cp "$(SITE)/google/rpc/status.proto" .cache/protodeps/google/rpc/
 	$(TOOLS)/buf lint
 
-test: venv proto tools ## Run every test against real Kafka and Cassandra (stops what it started).
+test: venv proto tools worker-user ## Run every test against real Kafka and Cassandra (stops what it started).
 	$(MAKE) --no-print-directory lint
 	deploy/local/with-engines.sh $(PY) -m pytest $(PYTEST_ARGS)
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import time
 from datetime import timedelta
+from pathlib import Path
 
 from libs import sdk
 
@@ -31,3 +35,53 @@ def strict(payload: bytes) -> bytes:
     if payload != b"good":
         raise sdk.NonRetryableError(f"bad input {payload!r}")
     return b"accepted"
+
+
+@sdk.task
+def spin(payload: bytes) -> bytes:
+    """Burns the CPU seconds written in its payload (e.g. b"1.5"); returns its process id."""
+    end = time.process_time() + float(payload)
+    while time.process_time() < end:
+        pass
+    return str(os.getpid()).encode()
+
+
+def unmarked(payload: bytes) -> bytes:
+    """Not marked with @sdk.task, so workers must refuse it: it writes "ran" to the file
+    named by its payload, which shows whether it ever ran."""
+    Path(payload.decode()).write_text("ran")
+    return b"ran"
+
+
+LIMITS = ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_NOFILE", "RLIMIT_NPROC")
+
+
+def _probe(path: str) -> dict[str, object]:
+    """What the process can see at ``path``: a directory's entries or a file's size."""
+    try:
+        if os.path.isdir(path):
+            return {"readable": True, "entries": sorted(os.listdir(path))}
+        with open(path, "rb") as file:
+            return {"readable": True, "bytes": len(file.read())}
+    except OSError as exc:
+        return {"readable": False, "error": type(exc).__name__}
+
+
+@sdk.task
+def sandbox_report(payload: bytes) -> bytes:
+    """What the worker process running it may do, as JSON: its user and groups, resource
+    limits, environment, capabilities, and what it sees at each path of the payload (a JSON
+    list) and at its own repository's ``.weir``."""
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text()
+                  .splitlines() if ":" in line)
+    own_weir = Path(__file__).resolve().parents[1] / ".weir"
+    return json.dumps({
+        "uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(), "egid": os.getegid(),
+        "groups": os.getgroups(),
+        "limits": {name: resource.getrlimit(getattr(resource, name)) for name in LIMITS},
+        "environment": sorted(os.environ),
+        "capabilities": int(status["CapEff"].strip(), 16),
+        "no_new_privs": status["NoNewPrivs"].strip() == "1",
+        "paths": {path: _probe(path) for path in json.loads(payload or b"[]")},
+        "own_weir": {str(own_weir): _probe(str(own_weir))},
+    }).encode()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+import re
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -48,7 +49,9 @@ def current_attempt() -> Attempt:
 def task(fn: Handler) -> Handler:
     """Marks a plain function ``fn(payload: bytes) -> bytes | str | None`` as a Weir handler.
 
-    Register it as a function whose handler is ``"<module>:<name>"``. Raise
+    Register it as a function whose handler is ``"<module>:<name>"``; the module must be in
+    one of the packages of the ``handler_packages`` setting (operator-deployed code), and only
+    functions marked here are ever run. Raise
     `NonRetryableError`, `RetryableError` or `ThrottledError` to choose how a failure is
     retried; any other exception counts as retryable.
     """
@@ -84,12 +87,100 @@ class ThrottledError(HandlerError):
     error_class = "THROTTLED"
 
 
-def load_handler(reference: str) -> Handler:
-    """Imports ``"package.module:function"``."""
+# ``package.module:function`` in ASCII identifiers only: Python would NFKC-normalise other
+# letters in source code but not in import_module/getattr, so look-alikes could slip past the
+# package check.
+REFERENCE = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<name>[A-Za-z_]\w*)",
+                       re.ASCII)
+
+
+class HandlerRefused(LookupError):
+    """A handler reference that may not be run: malformed, outside the allowed packages, not
+    importable, or not a function marked with `task`."""
+
+
+def handler_packages(setting: str) -> tuple[str, ...]:
+    """The allowed packages of the ``handler_packages`` setting ("examples,tests.handlers")."""
+    return tuple(p.strip() for p in setting.split(",") if p.strip())
+
+
+def reference_problem(reference: str, allowed: Sequence[str]) -> str | None:
+    """Checks a handler reference against the allowed packages without importing anything.
+
+    Args:
+        reference: a Function's handler, ``"package.module:function"``.
+        allowed: packages whose modules may hold handlers, e.g. ``("examples",)``; a module
+            is allowed when it is one of them or inside one (``examples.demo``, but not
+            ``examples2``).
+
+    Returns:
+        What is wrong, for a human, or None when the reference may be imported.
+    """
+    match = REFERENCE.fullmatch(reference)
+    if match is None:
+        return (f"handler {reference!r} is not 'package.module:function' "
+                "(ASCII identifiers, one colon)")
+    module, name = match["module"], match["name"]
+    if not any(module == package or module.startswith(package + ".") for package in allowed):
+        return (f"handler {reference!r} is outside the allowed handler packages "
+                f"({', '.join(allowed) or 'none configured'})")
+    if name.startswith("_"):
+        return f"handler {reference!r} names a private function"
+    return None
+
+
+def _resolve(reference: str, allowed: Sequence[str]) -> Handler:
+    problem = reference_problem(reference, allowed)
+    if problem is not None:
+        raise HandlerRefused(problem)
     module_name, _, name = reference.partition(":")
-    if not module_name or not name:
-        raise ValueError(f"handler {reference!r} is not 'package.module:function'")
-    return getattr(importlib.import_module(module_name), name)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the module's own code may raise anything while importing
+        raise HandlerRefused(f"handler {reference!r}: cannot import {module_name!r}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    try:
+        fn = getattr(module, name)
+    except Exception as exc:  # AttributeError, or anything a module __getattr__ raises
+        raise HandlerRefused(f"handler {reference!r}: module {module_name!r} has no {name!r}"
+                             ) from exc
+    # `is True`, not truthiness: an object answering any attribute (a module __getattr__, a
+    # proxy) must not pass for a marked function.
+    if not callable(fn) or getattr(fn, "__weir_handler__", False) is not True:
+        raise HandlerRefused(f"handler {reference!r} is not a function marked with @sdk.task")
+    return fn
+
+
+def handler_problem(reference: str, allowed: Sequence[str]) -> str | None:
+    """Whether a handler reference may be registered and run, for the API to ask at
+    CreateFunction/UpdateFunction time (the workers apply the same checks before a call).
+
+    Checks the reference (`reference_problem`), then imports its module and requires a
+    callable marked with `task`. Importing runs the module's top-level code, which is
+    operator-deployed code in an allowed package by then.
+
+    Args:
+        reference: a Function's handler, ``"package.module:function"``.
+        allowed: the allowed packages, e.g. ``handler_packages(config.handler_packages)``.
+
+    Returns:
+        What is wrong, for a human (e.g. "handler 'os:system' is outside the allowed handler
+        packages (examples, tests.handlers)"), or None when the handler is fine.
+    """
+    try:
+        _resolve(reference, allowed)
+    except HandlerRefused as exc:
+        return str(exc)
+    return None
+
+
+def load_handler(reference: str, allowed: Sequence[str]) -> Handler:
+    """Imports the handler ``"package.module:function"`` once it passes `handler_problem`.
+
+    Raises:
+        HandlerRefused: saying why the reference may not be run.
+    """
+    return _resolve(reference, allowed)
 
 
 def encode_result(value: Any) -> bytes:

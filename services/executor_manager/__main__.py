@@ -12,7 +12,7 @@ from libs.kafka.client import Producer
 from libs.lifecycle import Lifecycle
 from libs.periodic import Periodic
 from services.executor_manager.engine import Executor
-from services.executor_manager.pool import WorkerPool
+from services.executor_manager.pool import WorkerPool, WorkerSandbox
 from services.executor_manager.reporter import LoadReporter
 from services.executor_manager.server import create_server
 
@@ -22,7 +22,8 @@ def start(config: WeirConfig) -> service.Started:
     session = connect(config)
     producer = Producer(bootstrap=config.kafka_bootstrap, client_id="executor-manager")
     pool = WorkerPool(size=config.worker_processes,
-                      socket_dir=Path(tempfile.mkdtemp(prefix="weir-workers-")))
+                      socket_dir=Path(tempfile.mkdtemp(prefix="weir-workers-")),
+                      sandbox=WorkerSandbox.of(config))
     pool.start()
     lease = timedelta(seconds=config.lease_seconds)
     reporter_box: list[LoadReporter] = []
