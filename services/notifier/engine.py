@@ -9,23 +9,25 @@ import json
 import logging
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 from cassandra.cluster import Session
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from weir.storage.v1 import records_pb2
 from weir.v1 import tasks_pb2
 
+from libs import webhooks
 from libs.cache import TtlCache
 from libs.cassandra.functions import FunctionStore
-from libs.cassandra.tasks import FINAL_STATES, TaskStore, now_utc
+from libs.cassandra.tasks import FINAL_STATES, now_utc
 from libs.cassandra.tenants import TenantStore
+from libs.errors import excerpt
 from libs.kafka.client import Consumer, ConsumerLoop, Message
 from libs.schedule import Schedule
+from services.notifier.watch import Watchers
 
 log = logging.getLogger(__name__)
 
@@ -53,67 +55,13 @@ def delivery_backoff(attempt: int, *, first: timedelta, most: timedelta) -> time
     return min(first * (2 ** (attempt - 1)), most)
 
 
-class Watchers:
-    """Wakes the streams watching a task when news of it arrives."""
-
-    def __init__(self) -> None:
-        self._events: dict[tuple[str, str], set[threading.Event]] = {}
-        self._lock = threading.Lock()
-
-    def subscribe(self, key: tuple[str, str]) -> threading.Event:
-        event = threading.Event()
-        with self._lock:
-            self._events.setdefault(key, set()).add(event)
-        return event
-
-    def unsubscribe(self, key: tuple[str, str], event: threading.Event) -> None:
-        with self._lock:
-            events = self._events.get(key, set())
-            events.discard(event)
-            if not events:
-                self._events.pop(key, None)
-
-    def notify(self, key: tuple[str, str]) -> None:
-        with self._lock:
-            events = list(self._events.get(key, ()))
-        for event in events:
-            event.set()
-
-
-def watch(tasks: TaskStore, watchers: Watchers, tenant_id: str, task_id: str, *,
-          active: Callable[[], bool], poll_seconds: float = 0.25
-          ) -> Iterator[records_pb2.TaskEvent]:
-    """Every stage of the task so far, then each new one, until a final stage.
-
-    Stages are read from the task's timeline (written by every service); an outcome on the
-    results topic wakes the stream at once, else it looks again every ``poll_seconds``.
-    """
-    key = (tenant_id, task_id)
-    wake = watchers.subscribe(key)
-    sent: set[tuple[int, int, int]] = set()
-    try:
-        while active():
-            wake.clear()
-            for stage in tasks.stages(tenant_id, task_id):
-                mark = (stage.state, stage.time.seconds, stage.time.nanos)
-                if mark in sent:
-                    continue
-                sent.add(mark)
-                yield records_pb2.TaskEvent(tenant_id=tenant_id, task_id=task_id, stage=stage)
-                if stage.state in FINAL_STATES:
-                    return
-            wake.wait(poll_seconds)
-    finally:
-        watchers.unsubscribe(key, wake)
-
-
 @dataclass
 class Delivery:
     due: float  # time.monotonic() of the next attempt
     tenant_id: str
     task_id: str
-    url: str
-    headers: dict
+    url: str  # or `kafka:<topic>` for a target that is refused
+    headers: dict[str, str]
     body: bytes
     attempt: int = 1
     done: Callable[[], None] = lambda: None
@@ -127,19 +75,32 @@ class DeliveryStore:
             "update_time) VALUES (?, ?, ?, ?, ?, ?, ?)")
 
     def record(self, d: Delivery, status: str, error: str = "") -> None:
-        self._session.execute(self._upsert, (d.tenant_id, d.task_id, d.url, status, d.attempt,
+        # The target is part of the key; an over-long URL (refused anyway) is cut to fit.
+        target = d.url if len(d.url) <= webhooks.MAX_URL_CHARS else (
+            f"{d.url[:webhooks.MAX_URL_CHARS]}… ({len(d.url)} characters)")
+        self._session.execute(self._upsert, (d.tenant_id, d.task_id, target, status, d.attempt,
                                              error, now_utc()))
 
 
 class WebhookSender:
     """Posts webhooks from a pool; retries wait in a schedule, never in a pool thread, so a
-    receiver that keeps failing cannot hold up deliveries to the others."""
+    receiver that keeps failing cannot hold up deliveries to the others.
+
+    Every delivery ends DELIVERED or FAILED in the `deliveries` table and then calls its
+    ``done``, whatever goes wrong on the way. Retried, up to ``max_attempts`` in all: a
+    timeout, a connection or lookup failure, HTTP 5xx, 408, 425 and 429. Failed at once,
+    since the same request would fail again: a malformed URL or header, an address the
+    policy refuses (`libs.webhooks`), a redirect (3xx, never followed), any other 4xx, and
+    an unexpected error of our own.
+    """
 
     def __init__(self, *, deliveries: DeliveryStore, timeout_seconds: float,
-                 max_attempts: int = 8, first_backoff: timedelta = timedelta(milliseconds=200),
+                 allow_private: bool = False, max_attempts: int = 8,
+                 first_backoff: timedelta = timedelta(milliseconds=200),
                  max_backoff: timedelta = timedelta(minutes=5), threads: int = 16) -> None:
         self._deliveries = deliveries
         self._timeout = timeout_seconds
+        self._allow_private = allow_private
         self._max_attempts = max_attempts
         self._first = first_backoff
         self._most = max_backoff
@@ -152,46 +113,88 @@ class WebhookSender:
     def stop(self) -> None:
         self._schedule.stop()
 
-    def send(self, *, tenant_id: str, task_id: str, url: str, headers: dict, body: bytes,
-             done: Callable[[], None]) -> None:
+    def send(self, *, tenant_id: str, task_id: str, url: str, headers: dict[str, str],
+             body: bytes, done: Callable[[], None]) -> None:
         self._enqueue(Delivery(time.monotonic(), tenant_id, task_id, url, headers, body,
                                done=done))
+
+    def refuse(self, *, tenant_id: str, task_id: str, target: str, error: str,
+               done: Callable[[], None]) -> None:
+        """Records a target that is not even attempted as FAILED with ``error``."""
+        delivery = Delivery(time.monotonic(), tenant_id, task_id, target, {}, b"", done=done)
+        self._schedule.at(delivery.due, lambda: self._give_up(delivery, error))
 
     def _enqueue(self, delivery: Delivery) -> None:
         self._schedule.at(delivery.due, lambda: self._post(delivery))
 
     def _post(self, d: Delivery) -> None:
-        request = urllib.request.Request(d.url, data=d.body, method="POST", headers={
-            **d.headers, "Content-Type": "application/json",
-            "Weir-Delivery-Attempt": str(d.attempt)})
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout) as response:
-                ok, error = 200 <= response.status < 300, f"HTTP {response.status}"
-        except urllib.error.HTTPError as exc:
-            ok, error = False, f"HTTP {exc.code}"
-        except (urllib.error.URLError, OSError) as exc:
-            ok, error = False, str(exc)
-        if ok:
-            self._deliveries.record(d, "DELIVERED")
-            d.done()
-        elif d.attempt >= self._max_attempts:
-            self._deliveries.record(d, "FAILED", error)
-            log.warning("webhook given up", extra={"url": d.url, "task_id": d.task_id,
-                                                   "error": error})
-            d.done()
+            webhooks.post(d.url, d.body, timeout=self._timeout, allow_private=self._allow_private,
+                          headers={**d.headers, "Content-Type": "application/json",
+                                   "Weir-Delivery-Attempt": str(d.attempt)})
+        except webhooks.DeliveryError as exc:
+            if exc.permanent or d.attempt >= self._max_attempts:
+                self._give_up(d, str(exc))
+            else:
+                self._retry_later(d, str(exc))
+        except Exception as exc:  # a bug of ours: fail the delivery rather than stall the topic
+            log.exception("webhook delivery broke", extra={"url": excerpt(d.url, 200),
+                                                           "task_id": d.task_id})
+            self._give_up(d, f"internal error ({type(exc).__name__})")
         else:
+            self._finish(d, "DELIVERED")
+
+    def _retry_later(self, d: Delivery, error: str) -> None:
+        try:
             self._deliveries.record(d, "PENDING", error)
-            delay = delivery_backoff(d.attempt, first=self._first, most=self._most)
-            d.attempt += 1
-            d.due = time.monotonic() + delay.total_seconds()
-            self._enqueue(d)
+        except Exception:  # the retry matters more than its interim record
+            log.exception("could not record a pending webhook", extra={"task_id": d.task_id})
+        delay = delivery_backoff(d.attempt, first=self._first, most=self._most)
+        d.attempt += 1
+        d.due = time.monotonic() + delay.total_seconds()
+        self._enqueue(d)
+
+    def _give_up(self, d: Delivery, error: str) -> None:
+        log.warning("webhook given up", extra={"url": excerpt(d.url, 200), "task_id": d.task_id,
+                                               "error": error})
+        self._finish(d, "FAILED", error)
+
+    def _finish(self, d: Delivery, status: str, error: str = "") -> None:
+        """Records the final status (best effort: a failed write is logged) and calls done."""
+        try:
+            self._deliveries.record(d, status, error)
+        except Exception:
+            log.exception("could not record a webhook delivery",
+                          extra={"task_id": d.task_id, "status": status})
+        finally:
+            d.done()
+
+
+class Countdown:
+    """Calls ``then`` once `tick` has been called ``count`` times, from any threads."""
+
+    def __init__(self, count: int, then: Callable[[], None]) -> None:
+        self._left = count
+        self._then = then
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        with self._lock:
+            self._left -= 1
+            finished = self._left == 0
+        if finished:
+            self._then()
 
 
 class Notifier:
     """Consumes attempt outcomes: wakes watchers, and delivers final outcomes to webhooks.
 
-    A message is acknowledged once every webhook of its task has been delivered or given
+    A message is acknowledged once every target of its task has been delivered or given
     up, so a crash redelivers it (webhooks are at-least-once; receivers dedup by task ID).
+    A message that cannot be parsed is logged and acknowledged: it would fail forever and
+    hold up its partition's commits (so is a function record that cannot be parsed: its
+    targets are skipped). A failure to read the function or tenant (Cassandra unreachable)
+    raises, which nacks the message: it comes again.
     The outcome carries the task's targets; functions and tenants are cached, so a changed
     function target or webhook secret applies within ``cache_seconds``.
     """
@@ -212,31 +215,47 @@ class Notifier:
         self._loop.stop()
 
     def handle(self, message: Message) -> None:
-        outcome = records_pb2.AttemptOutcome.FromString(message.value)
+        try:
+            outcome = records_pb2.AttemptOutcome.FromString(message.value)
+        except DecodeError:
+            log.error("an outcome that cannot be parsed is skipped", extra={
+                "partition": message.partition, "offset": message.offset})
+            message.ack()
+            return
         self._watchers.notify((outcome.tenant_id, outcome.task_id))
         if outcome.state not in FINAL_STATES:
             message.ack()
             return
-        function = self._functions.get(outcome.tenant_id, outcome.function)
+        try:
+            function = self._functions.get(outcome.tenant_id, outcome.function)
+        except DecodeError:  # a corrupt record would fail forever: deliver the task's targets
+            log.error("the function record cannot be parsed; its targets are skipped", extra={
+                "tenant_id": outcome.tenant_id, "function": outcome.function})
+            function = None
         targets = [*outcome.result_targets, *(function.result_targets if function else [])]
         urls = {t.webhook.url: dict(t.webhook.headers) for t in targets if t.HasField("webhook")}
-        if not urls:
+        topics = {t.kafka.topic for t in targets if t.HasField("kafka")}
+        if not urls and not topics:
             message.ack()
             return
-        tenant = self._tenants.get(outcome.tenant_id)
+        tenant = self._tenants.get(outcome.tenant_id) if urls else None
         body = webhook_body(outcome)
         signature = sign(tenant.webhook_secret if tenant else b"", body)
-        remaining = [len(urls)]
-        lock = threading.Lock()
-
-        def one_done() -> None:
-            with lock:
-                remaining[0] -= 1
-                if remaining[0] == 0:
-                    message.ack()
-
+        # Nothing below raises: once handed out, every target calls done, and the last acks.
+        pending = Countdown(len(urls) + len(topics), message.ack)
+        for topic in topics:  # stored before they were refused at submission
+            self._sender.refuse(tenant_id=outcome.tenant_id, task_id=outcome.task_id,
+                                target=f"kafka:{topic}", error=webhooks.KAFKA_REFUSED,
+                                done=pending.tick)
         for url, headers in urls.items():
+            bad_header = webhooks.header_violation(headers)
+            if bad_header:
+                where, problem = bad_header
+                self._sender.refuse(tenant_id=outcome.tenant_id, task_id=outcome.task_id,
+                                    target=url, error=f"headers{where}: {problem}",
+                                    done=pending.tick)
+                continue
             self._sender.send(tenant_id=outcome.tenant_id, task_id=outcome.task_id, url=url,
                               headers={**headers, SIGNATURE_HEADER: signature,
                                        "Weir-Task-Id": outcome.task_id},
-                              body=body, done=one_done)
+                              body=body, done=pending.tick)
