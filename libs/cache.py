@@ -29,3 +29,8 @@ class TtlCache:
         with self._lock:
             self._values[key] = (value, now + self._ttl)
         return value
+
+    def forget(self, *key: Any) -> None:
+        """Drops one key: its next `get` fetches (after a change made through this process)."""
+        with self._lock:
+            self._values.pop(key, None)

@@ -90,6 +90,10 @@ class Unavailable(WeirError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(WeirError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class ResourceExhausted(WeirError):
     """Over a limit; `retry_after` tells the caller when trying again makes sense."""
 
@@ -108,7 +112,7 @@ class ResourceExhausted(WeirError):
 
 _BY_CODE = {cls.code: cls for cls in (
     InvalidArgument, Unauthenticated, PermissionDenied, NotFound, AlreadyExists,
-    FailedPrecondition, Unimplemented, Unavailable, ResourceExhausted)}
+    FailedPrecondition, Unimplemented, Unavailable, DeadlineExceeded, ResourceExhausted)}
 
 
 def from_rpc_error(error: grpc.RpcError) -> WeirError:

@@ -17,6 +17,8 @@ class ParkedStore:
             "DELETE FROM parked_tasks WHERE tenant_id = ? AND function = ? AND task_id = ?")
         self._select = session.prepare(
             "SELECT message FROM parked_tasks WHERE tenant_id = ? AND function = ?")
+        self._delete_function = session.prepare(
+            "DELETE FROM parked_tasks WHERE tenant_id = ? AND function = ?")
 
     def park(self, message: records_pb2.TaskMessage) -> None:
         self._session.execute(self._insert, (message.tenant_id, message.function,
@@ -25,6 +27,10 @@ class ParkedStore:
     def unpark(self, message: records_pb2.TaskMessage) -> None:
         self._session.execute(self._delete, (message.tenant_id, message.function,
                                              message.task_id))
+
+    def forget_function(self, tenant_id: str, function: str) -> None:
+        """Drops every parked task of a deleted function (one partition delete)."""
+        self._session.execute(self._delete_function, (tenant_id, function))
 
     def parked(self, tenant_id: str, function: str, *, page_size: int = 500
                ) -> Iterator[records_pb2.TaskMessage]:

@@ -172,6 +172,12 @@ class Client:
     def get_function(self, name: str) -> functions_pb2.Function:
         return self._call(self._functions.GetFunction, functions_pb2.GetFunctionRequest(name=name))
 
+    def delete_function(self, name: str, *, force: bool = False) -> operations_pb2.Operation:
+        """Deletes a function (see DeleteFunction); ``force`` cancels its unfinished tasks
+        first. Returns the operation (`wait_operation` follows it)."""
+        return self._call(self._functions.DeleteFunction,
+                          functions_pb2.DeleteFunctionRequest(name=name, force=force))
+
     def pause_function(self, name: str) -> functions_pb2.Function:
         return self._call(self._functions.PauseFunction,
                           functions_pb2.PauseFunctionRequest(name=name))

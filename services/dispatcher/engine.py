@@ -29,7 +29,9 @@ from libs.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 State = tasks_pb2.TaskState
-PAUSED = functions_pb2.FunctionState.FUNCTION_STATE_PAUSED
+# Functions whose tasks are held: paused, or being deleted (their tasks are cancelled).
+HELD = frozenset({functions_pb2.FunctionState.FUNCTION_STATE_PAUSED,
+                  functions_pb2.FunctionState.FUNCTION_STATE_DELETING})
 
 
 @dataclass
@@ -214,10 +216,10 @@ class Dispatcher:
         writes the state before it reads the parked tasks: so either that read sees this
         park, or this read sees the resume and the task is dispatched here. None is stranded.
         """
-        if self._function_states.get(task.tenant_id, task.function) != PAUSED:
+        if self._function_states.get(task.tenant_id, task.function) not in HELD:
             return False
         self._parked.park(task)
-        if self._function_state(task.tenant_id, task.function) == PAUSED:
+        if self._function_state(task.tenant_id, task.function) in HELD:
             return True
         self._parked.unpark(task)
         return False

@@ -9,6 +9,7 @@ from weir.internal.notifier.v1 import notifier_pb2_grpc
 from weir.internal.router.v1 import router_pb2, router_pb2_grpc
 
 from libs import service, tls
+from libs.cache import TtlCache
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.functions import FunctionStore
@@ -22,7 +23,7 @@ from libs.kafka.client import Producer
 from libs.lifecycle import Lifecycle
 from libs.periodic import Periodic
 from services.gateway.control import TaskControl
-from services.gateway.engine import Submitter
+from services.gateway.engine import FUNCTION_CACHE_SECONDS, Submitter
 from services.gateway.operations import OperationRunner, OperationStarter
 from services.gateway.server import create_server
 
@@ -55,14 +56,17 @@ def start(config: WeirConfig) -> service.Started:
         return executor_manager_pb2_grpc.ExecutorServiceStub(
             credentials.channel(address, "executor-manager"))
 
-    submitter = Submitter(tasks=lifecycle.tasks, timers=TimerStore(session), functions=functions,
+    function_cache = TtlCache(functions.get, ttl=FUNCTION_CACHE_SECONDS)
+    submitter = Submitter(tasks=lifecycle.tasks, timers=TimerStore(session),
+                          functions=function_cache,
                           dedup=dedup, route=route, producer=producer,
                           crash_after_store=config.fault == "gateway.crash_after_store")
     control = TaskControl(lifecycle=lifecycle, dead_letters=dead_letters,
-                          parked=ParkedStore(session), producer=producer,
+                          parked=ParkedStore(session), functions=functions, producer=producer,
                           executor_for=executor_for)
     server = create_server(config, tenants=TenantStore(session), submitter=submitter,
                            lifecycle=lifecycle, control=control, functions=functions,
+                           function_changed=function_cache.forget,
                            dead_letters=dead_letters, notifier=notifier,
                            operations=OperationStarter(operations=operations, dedup=dedup))
     runner = OperationRunner(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from weir.v1 import functions_pb2
@@ -12,13 +13,21 @@ from libs.cassandra.functions import FunctionStore
 from libs.cassandra.session import close, connect
 from libs.cassandra.tenants import TenantStore
 
+TENANT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
 
 def ensure_tenant(store: TenantStore, tenant_id: str, key_file: Path) -> tuple[str, bool]:
     """Creates the tenant if missing and makes sure ``key_file`` holds a valid key of it.
 
     Returns the key and whether a new one was issued. An existing file whose key still
     resolves to the tenant is kept, so running this at every start changes nothing.
+
+    Raises:
+        ValueError: the tenant ID is not 1 to 63 characters of [a-z0-9_-].
     """
+    if not TENANT_ID.fullmatch(tenant_id):
+        raise ValueError(f"tenant ID {tenant_id!r}: 1 to 63 characters of [a-z0-9_-], "
+                         "starting with a letter or digit")
     store.create_tenant(tenant_id)
     if key_file.exists():
         existing = key_file.read_text().strip()
@@ -50,6 +59,8 @@ def main() -> None:
     ensure.add_argument("--demo-functions", action="store_true",
                         help="also register the demo functions echo, sleep and fail")
     args = parser.parse_args()
+    if not TENANT_ID.fullmatch(args.tenant_id):
+        parser.error(f"tenant ID {args.tenant_id!r}: 1 to 63 characters of [a-z0-9_-]")
     session = connect(weir_config.load())
     try:
         _, issued = ensure_tenant(TenantStore(session), args.tenant_id, args.key_file)

@@ -15,8 +15,11 @@ from weir.storage.v1 import records_pb2
 from weir.v1 import dead_letters_pb2, tasks_pb2
 
 from libs.cassandra.dead_letters import DeadLetterStore
+from libs.cassandra.functions import FunctionStore
 from libs.cassandra.parked import ParkedStore
 from libs.cassandra.tasks import FINAL_STATES, StoredTask, TaskKey, now_utc, timestamp_of
+from libs.errors import DeadlineExceeded
+from libs.grpcserver import current_call
 from libs.kafka.client import Producer
 from libs.lifecycle import WAITING_STATES, Lifecycle
 from libs.taskqueue import task_record_to_kafka
@@ -43,27 +46,45 @@ class ScanPosition:
         before = before or datetime.max.replace(tzinfo=UTC)
         return cls(min(before.date(), now_utc().date()), before)
 
-    def to_json(self) -> str:
-        return json.dumps({"day": self.day.isoformat(), "before": self.before.isoformat(),
-                           "after": self.after_task_id})
+    def to_dict(self) -> dict[str, str]:
+        return {"day": self.day.isoformat(), "before": self.before.isoformat(),
+                "after": self.after_task_id}
 
     @classmethod
-    def from_json(cls, raw: str) -> ScanPosition:
-        """Raises ValueError (or KeyError, TypeError) when ``raw`` is not `to_json`'s."""
-        fields = json.loads(raw)
+    def from_dict(cls, fields: dict[str, str]) -> ScanPosition:
+        """Raises ValueError (or KeyError, TypeError) when ``fields`` is not `to_dict`'s."""
         before = datetime.fromisoformat(fields["before"])
         return cls(date.fromisoformat(fields["day"]), before.replace(tzinfo=before.tzinfo or UTC),
                    str(fields.get("after", "")))
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, raw: str) -> ScanPosition:
+        return cls.from_dict(json.loads(raw))
+
 
 def scan_tasks(lifecycle: Lifecycle, tenant_id: str, task_filter: TaskFilter,
-               position: ScanPosition, *, batch: int = 200
-               ) -> Iterator[tuple[ScanPosition, StoredTask]]:
-    """The tenant's tasks matching the filter, newest first, each with the position after it."""
+               position: ScanPosition, *, batch: int = 200, budget: int | None = None
+               ) -> Iterator[tuple[ScanPosition, StoredTask | None]]:
+    """The tenant's tasks matching the filter, newest first, each with the position after it.
+
+    The scan covers the listing window (`LIST_DAYS`, never days ahead of today) and stops
+    as soon as the call it serves is over (`current_call`). After ``budget`` tasks read it
+    yields the position reached with None and stops, so one call's work stays bounded.
+    """
     tasks = lifecycle.tasks
-    oldest = now_utc().date() - timedelta(days=LIST_DAYS)
+    call = current_call()
+    today = now_utc().date()
+    oldest = today - timedelta(days=LIST_DAYS)
     day, before, after = position.day, position.before, position.after_task_id
+    if day > today:
+        day, before, after = today, datetime.max.replace(tzinfo=UTC), ""
+    examined = 0
     while day >= oldest:
+        if not call.active():
+            raise DeadlineExceeded("the caller stopped waiting for this listing")
         rows = tasks.list_page(tenant_id, day=day, before=before, after_task_id=after,
                                limit=batch)
         if not rows:
@@ -72,18 +93,24 @@ def scan_tasks(lifecycle: Lifecycle, tenant_id: str, task_filter: TaskFilter,
         found = tasks.get_many(TaskKey(tenant_id, task_id) for _, task_id in rows)
         for (create_time, task_id), item in zip(rows, found, strict=True):
             before, after = create_time.replace(tzinfo=UTC), task_id
+            examined += 1
             if item is not None and task_filter.matches(item.record.task):
                 yield ScanPosition(day, before, after), item
+            elif budget is not None and examined >= budget:
+                yield ScanPosition(day, before, after), None
+                return
 
 
 class TaskControl:
     """Cancels, deletes and re-drives tasks; releases a resumed function's parked tasks."""
 
     def __init__(self, *, lifecycle: Lifecycle, dead_letters: DeadLetterStore,
-                 parked: ParkedStore, producer: Producer,
+                 parked: ParkedStore, functions: FunctionStore, producer: Producer,
                  executor_for: Callable[[str], executor_manager_pb2_grpc.ExecutorServiceStub]
                  ) -> None:
+        self.lifecycle = lifecycle
         self._lifecycle = lifecycle
+        self._functions = functions
         self._tasks = lifecycle.tasks
         self._dead_letters = dead_letters
         self._parked = parked
@@ -161,6 +188,12 @@ class TaskControl:
             ready=lambda s: s.state == State.TASK_STATE_FAILED, amend=amend)
         self._dead_letters.remove(letter, tenant_id)
         return queued
+
+    def delete_function(self, tenant_id: str, function: str) -> None:
+        """Deletes a function and the tasks it still holds parked (they were cancelled, or
+        DeleteFunction found none unfinished)."""
+        self._functions.delete(tenant_id, function)
+        self._parked.forget_function(tenant_id, function)
 
     def release_parked(self, tenant_id: str, function: str) -> int:
         """Queues again every task a paused function held; returns how many."""

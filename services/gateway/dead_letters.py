@@ -3,50 +3,68 @@ operations that act on many tasks. Proto <-> engine translation only."""
 
 from __future__ import annotations
 
+import math
+from datetime import datetime
+
 from weir.storage.v1 import records_pb2
 from weir.v1 import dead_letters_pb2, dead_letters_pb2_grpc, operations_pb2_grpc
 
 from libs.cassandra.dead_letters import DeadLetterStore
-from libs.errors import InvalidArgument, NotFound
+from libs.errors import DeadlineExceeded, InvalidArgument, NotFound
+from libs.grpcserver import current_call
+from libs.pagetoken import PageTokens
+from services.gateway import validation
 from services.gateway.auth import current_tenant
 from services.gateway.filters import DeadLetterFilter
-from services.gateway.operations import OperationStarter, decode_mark, encode_mark, new_operation
+from services.gateway.operations import OperationStarter, new_operation
 
 Kind = records_pb2.OperationKind
 MAX_REDRIVE_IDS = 1000
 
 
 class DeadLetterHandler(dead_letters_pb2_grpc.DeadLetterServiceServicer):
-    def __init__(self, *, dead_letters: DeadLetterStore, operations: OperationStarter) -> None:
+    def __init__(self, *, dead_letters: DeadLetterStore, operations: OperationStarter,
+                 tokens: PageTokens, max_payload_bytes: int) -> None:
         self._dead_letters = dead_letters
         self._operations = operations
+        self._tokens = tokens
+        self._max_payload = max_payload_bytes
 
     def ListDeadLetters(self, request, context):
-        if not 0 <= request.page_size <= 1000:
-            raise InvalidArgument({"page_size": "between 0 and 1,000"})
+        validation.check_page(request.page_size, request.page_token)
         letter_filter = DeadLetterFilter.parse(request.filter)
         size = request.page_size or 100
         tenant = current_tenant.get()
-        after = decode_mark(request.page_token)
+        after = None
+        if request.page_token:
+            when, task_id = self._tokens.decode(request.page_token, listing="dead_letters",
+                                                tenant_id=tenant, filter=request.filter)
+            after = (datetime.fromisoformat(when), task_id)
         found: list[dead_letters_pb2.DeadLetter] = []
-        while len(found) < size:
+        budget = max(size * 20, 2000)  # rows read for one page at most, as ListTasks
+        call = current_call()
+        while len(found) < size and budget > 0:
+            if not call.active():
+                raise DeadlineExceeded("the caller stopped waiting for this listing")
             rows = self._dead_letters.page(tenant, after=after, limit=size * 2)
             if not rows:
                 return dead_letters_pb2.ListDeadLettersResponse(dead_letters=found)
             for row in rows:
                 after = (row.dead_letter_time, row.task_id)
+                budget -= 1
                 letter = self._dead_letters.get(tenant, row.task_id) \
                     if letter_filter.matches(row) else None
                 if letter is not None:
                     found.append(letter)
-                    if len(found) == size:
-                        break
+                if len(found) == size or budget <= 0:
+                    break
+        token = self._tokens.encode([after[0].isoformat(), after[1]], listing="dead_letters",
+                                    tenant_id=tenant, filter=request.filter) if after else ""
         return dead_letters_pb2.ListDeadLettersResponse(dead_letters=found,
-                                                        next_page_token=encode_mark(after))
+                                                        next_page_token=token)
 
     def GetDeadLetter(self, request, context):
-        if not request.task_id:
-            raise InvalidArgument({"task_id": "required"})
+        validation.check_id(request.task_id)
         letter = self._dead_letters.get(current_tenant.get(), request.task_id)
         if letter is None:
             raise NotFound(f"task {request.task_id!r} is not in the dead letters",
@@ -58,8 +76,13 @@ class DeadLetterHandler(dead_letters_pb2_grpc.DeadLetterServiceServicer):
             raise InvalidArgument({"task_ids": "set exactly one of task_ids and filter"})
         if len(request.task_ids) > MAX_REDRIVE_IDS:
             raise InvalidArgument({"task_ids": f"at most {MAX_REDRIVE_IDS}"})
-        if not 0 <= request.max_redrives_per_second <= 10_000:
+        validation.check_task_ids(request.task_ids)
+        validation.check_request_id(request.request_id)
+        rate = request.max_redrives_per_second
+        if not (math.isfinite(rate) and 0 <= rate <= 10_000):
             raise InvalidArgument({"max_redrives_per_second": "between 0 (100) and 10,000"})
+        if len(request.payload_override) > self._max_payload:
+            raise InvalidArgument({"payload_override": f"at most {self._max_payload:,} bytes"})
         DeadLetterFilter.parse(request.filter)
         tenant = current_tenant.get()
         what = (f"{len(request.task_ids)} tasks" if request.task_ids else request.filter)

@@ -17,12 +17,12 @@ from weir.v1 import common_pb2, functions_pb2, tasks_pb2
 
 from libs.cache import TtlCache
 from libs.cassandra.dedup import DedupStore
-from libs.cassandra.functions import FunctionStore
 from libs.cassandra.tasks import BUCKETS, TaskStore, now_utc, timestamp_of
 from libs.cassandra.timers import Timer, TimerStore, to_millis
-from libs.errors import AlreadyExists, NotFound, Unavailable
+from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from libs.kafka.client import Producer
 from libs.taskqueue import task_record_to_kafka
+from services.gateway.validation import UNLIMITED_RULE, unlimited_without_end
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ State = tasks_pb2.TaskState
 Kind = records_pb2.TimerKind
 
 DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
+# How long a gateway trusts a function it read: a change made through another gateway (a
+# pause, a forced delete) reaches this one's submissions within this time.
+FUNCTION_CACHE_SECONDS = 5.0
 REQUEST_ID_WINDOW = timedelta(hours=24)
 
 
@@ -49,12 +52,12 @@ class Submitter:
     empties, so an acknowledged — or even an unacknowledged but stored — task always runs.
     """
 
-    def __init__(self, *, tasks: TaskStore, timers: TimerStore, functions: FunctionStore,
+    def __init__(self, *, tasks: TaskStore, timers: TimerStore, functions: TtlCache,
                  dedup: DedupStore, route: Callable[[str, str, int], router_pb2.Route],
                  producer: Producer, crash_after_store: bool = False) -> None:
         self._tasks = tasks
         self._timers = timers
-        self._functions = TtlCache(functions.get, ttl=5.0)
+        self._functions = functions  # (tenant, name) -> Function, cached
         self._dedup = dedup
         self._routes = TtlCache(route, ttl=30.0)
         self._producer = producer
@@ -66,9 +69,13 @@ class Submitter:
 
         Raises:
             NotFound: an entry names a function the tenant does not have.
+            FailedPrecondition: an entry names a function being deleted.
+            InvalidArgument: an entry's retry policy, merged with its function's, would retry
+                forever (-1 attempts without a max_retry_duration).
             Unavailable: storing or queueing failed (stored tasks are queued by the sweeper).
         """
         functions = []
+        unlimited: dict[str, str] = {}
         for i, request in enumerate(requests):
             function = self._functions.get(tenant_id, request.task.function)
             if function is None:
@@ -76,7 +83,17 @@ class Submitter:
                                f"{request.task.function!r} not found",
                                reason="FUNCTION_NOT_FOUND",
                                metadata={"function": request.task.function})
+            if function.state == functions_pb2.FunctionState.FUNCTION_STATE_DELETING:
+                raise FailedPrecondition(f"{prefix(i)}task.function: function "
+                                         f"{function.name!r} is being deleted",
+                                         reason="FUNCTION_DELETING",
+                                         metadata={"function": function.name})
+            if request.task.HasField("retry_config") and unlimited_without_end(
+                    [function.retry_config, request.task.retry_config]):
+                unlimited[f"{prefix(i)}task.retry_config.max_retry_duration"] = UNLIMITED_RULE
             functions.append(function)
+        if unlimited:
+            raise InvalidArgument(unlimited)
 
         now = now_utc()
         results: list[Created | None] = [None] * len(requests)
@@ -85,7 +102,8 @@ class Submitter:
         for i, (request, function) in enumerate(zip(requests, functions, strict=True)):
             task_id = request.task.task_id or uuid.uuid4().hex
             if request.request_id:
-                claim = self._dedup.claim(tenant_id, "request:" + request.request_id, task_id,
+                # "/" is in no task ID: request IDs are a namespace of their own.
+                claim = self._dedup.claim(tenant_id, "request/" + request.request_id, task_id,
                                           window=REQUEST_ID_WINDOW)
                 if not claim.granted:
                     results[i] = self._existing(tenant_id, claim.task_id)

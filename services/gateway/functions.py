@@ -2,98 +2,172 @@
 
 from __future__ import annotations
 
-import base64
+from collections.abc import Callable, Sequence
 
-from google.protobuf import empty_pb2
-from weir.v1 import functions_pb2, functions_pb2_grpc
+from google.protobuf import field_mask_pb2
+from weir.storage.v1 import records_pb2
+from weir.v1 import functions_pb2, functions_pb2_grpc, operations_pb2
 
 from libs.cassandra.functions import FunctionStore
-from libs.errors import AlreadyExists, InvalidArgument, NotFound
+from libs.cassandra.tasks import FINAL_STATES, now_utc, timestamp_of
+from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, excerpt
+from libs.pagetoken import PageTokens
+from services.gateway import validation
 from services.gateway.auth import current_tenant
-from services.gateway.control import TaskControl
-from services.gateway.validation import function_violations
+from services.gateway.control import ScanPosition, TaskControl, scan_tasks
+from services.gateway.filters import TaskFilter
+from services.gateway.operations import OperationStarter, new_operation
 
 IMMUTABLE = {"name", "state", "create_time", "update_time"}
-
+MAX_MASK_PATHS = 32
 
 State = functions_pb2.FunctionState
+OpState = operations_pb2.OperationState
 
 
 class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
-    def __init__(self, functions: FunctionStore, control: TaskControl) -> None:
+    def __init__(self, *, functions: FunctionStore, control: TaskControl,
+                 operations: OperationStarter, tokens: PageTokens,
+                 handler_packages: Sequence[str], allow_private_targets: bool,
+                 batch_rate: float, function_changed: Callable[[str, str], None]) -> None:
         self._functions = functions
+        self._changed = function_changed
         self._control = control
+        self._operations = operations
+        self._tokens = tokens
+        self._packages = tuple(handler_packages)
+        self._allow_private = allow_private_targets
+        self._batch_rate = batch_rate
 
     def CreateFunction(self, request, context):
-        problems = function_violations(request.function)
-        if problems:
-            raise InvalidArgument(problems)
+        self._check(request.function)
         function = functions_pb2.Function()
         function.CopyFrom(request.function)
+        for output_only in ("state", "create_time", "update_time"):
+            function.ClearField(output_only)
         if not self._functions.create(current_tenant.get(), function):
             raise AlreadyExists(f"function {function.name!r} already exists",
                                 reason="FUNCTION_ALREADY_EXISTS")
+        self._changed(current_tenant.get(), function.name)  # a cached "not found" is stale
         return function
 
     def GetFunction(self, request, context):
         return self._get(request.name)
 
     def ListFunctions(self, request, context):
-        if not 0 <= request.page_size <= 1000:
-            raise InvalidArgument({"page_size": "between 0 and 1,000"})
+        validation.check_page(request.page_size, request.page_token)
+        tenant = current_tenant.get()
+        after = ""
+        if request.page_token:
+            after = self._tokens.decode(request.page_token, listing="functions",
+                                        tenant_id=tenant)
         size = request.page_size or 100
-        try:
-            after = base64.urlsafe_b64decode(request.page_token.encode()).decode()
-        except ValueError as exc:
-            raise InvalidArgument({"page_token": "not a token this API returned"}) from exc
-        found = self._functions.list(current_tenant.get(), after=after, limit=size)
-        token = base64.urlsafe_b64encode(found[-1].name.encode()).decode() \
-            if len(found) == size else ""
+        found = self._functions.list(tenant, after=after, limit=size)
+        token = (self._tokens.encode(found[-1].name, listing="functions", tenant_id=tenant)
+                 if len(found) == size else "")
         return functions_pb2.ListFunctionsResponse(functions=found, next_page_token=token)
 
     def UpdateFunction(self, request, context):
         paths = list(request.update_mask.paths)
         if not paths:
             raise InvalidArgument({"update_mask": "name at least one field to change"})
-        bad = [p for p in paths if p.split(".")[0] in IMMUTABLE
-               or p.split(".")[0] not in functions_pb2.Function.DESCRIPTOR.fields_by_name]
-        if bad:
-            raise InvalidArgument({"update_mask": f"cannot change {', '.join(bad)}"})
-        current = self._get(request.function.name)
-        request.update_mask.MergeMessage(request.function, current, replace_message_field=True,
-                                         replace_repeated_field=True)
-        problems = function_violations(current)
-        if problems:
-            raise InvalidArgument(problems)
-        if not self._functions.update(current_tenant.get(), current):
+        if len(paths) > MAX_MASK_PATHS:
+            raise InvalidArgument({"update_mask": f"at most {MAX_MASK_PATHS} paths"})
+        mask = field_mask_pb2.FieldMask(paths=paths)
+        bad = [p for p in paths if p.split(".")[0] in IMMUTABLE]
+        if bad or not mask.IsValidForDescriptor(functions_pb2.Function.DESCRIPTOR):
+            shown = ", ".join(excerpt(p, 40) for p in (bad or paths)[:5])
+            raise InvalidArgument({"update_mask": f"cannot change {shown}: name fields of "
+                                                  "Function other than name, state and times"})
+        current = self._get(request.function.name, field="function.name")
+        self._refuse_if_deleting(current)
+        mask.MergeMessage(request.function, current, replace_message_field=True,
+                          replace_repeated_field=True)
+        self._check(current)
+        if not self._save(current):
             raise NotFound(f"function {current.name!r} not found", reason="FUNCTION_NOT_FOUND")
         return current
 
     def DeleteFunction(self, request, context):
-        if not self._functions.delete(current_tenant.get(), request.name):
-            raise NotFound(f"function {request.name!r} not found", reason="FUNCTION_NOT_FOUND")
-        return empty_pb2.Empty()
+        """Deletes at once when nothing of the function is unfinished; with ``force``, turns
+        it DELETING and leaves the cancelling and the deletion to an operation."""
+        tenant = current_tenant.get()
+        function = self._get(request.name)
+        if not request.force:
+            unfinished = self._first_unfinished(tenant, function.name)
+            if unfinished:
+                raise FailedPrecondition(
+                    f"function {function.name!r} has unfinished tasks (e.g. {unfinished!r}); "
+                    "cancel them, wait for them, or delete with force",
+                    reason="FUNCTION_HAS_UNFINISHED_TASKS",
+                    metadata={"task_id": unfinished})
+            self._control.delete_function(tenant, function.name)
+            record = new_operation(tenant, records_pb2.OperationKind.OPERATION_KIND_DELETE_FUNCTION,
+                                   f"DeleteFunction {function.name}", function=function.name,
+                                   items_per_second=self._batch_rate)
+            record.operation.state = OpState.OPERATION_STATE_SUCCEEDED
+            record.operation.end_time.CopyFrom(timestamp_of(now_utc()))
+            return self._operations.start(tenant, record)
+        if function.state != State.FUNCTION_STATE_DELETING:
+            function.state = State.FUNCTION_STATE_DELETING
+            self._save(function)
+        return self._operations.start(tenant, new_operation(
+            tenant, records_pb2.OperationKind.OPERATION_KIND_DELETE_FUNCTION,
+            f"DeleteFunction {function.name} (force)", filter=f'function = "{function.name}"',
+            function=function.name, items_per_second=self._batch_rate))
 
     def PauseFunction(self, request, context):
         function = self._get(request.name)
+        self._refuse_if_deleting(function)
         if function.state != State.FUNCTION_STATE_PAUSED:
             function.state = State.FUNCTION_STATE_PAUSED
-            self._functions.update(current_tenant.get(), function)
+            self._save(function)
         return function
 
     def ResumeFunction(self, request, context):
         """Marks the function active, then queues the tasks it held. The order matters (see
         the dispatcher's parking); a retried call releases whatever a failed one left."""
         function = self._get(request.name)
+        self._refuse_if_deleting(function)
         if function.state != State.FUNCTION_STATE_ACTIVE:
             function.state = State.FUNCTION_STATE_ACTIVE
-            self._functions.update(current_tenant.get(), function)
+            self._save(function)
         self._control.release_parked(current_tenant.get(), function.name)
         return function
 
-    def _get(self, name: str) -> functions_pb2.Function:
-        if not name:
-            raise InvalidArgument({"name": "required"})
+    def _save(self, function: functions_pb2.Function) -> bool:
+        """Stores a changed function; this gateway's submissions see the change at once
+        (others within their function cache time)."""
+        try:
+            return self._functions.update(current_tenant.get(), function)
+        finally:
+            self._changed(current_tenant.get(), function.name)
+
+    def _first_unfinished(self, tenant: str, name: str) -> str | None:
+        """An unfinished task of the function within the listing window, if any; the scan
+        stops when the caller's deadline passes."""
+        task_filter = TaskFilter.parse(f'function = "{name}"')
+        for _, stored in scan_tasks(self._control.lifecycle, tenant, task_filter,
+                                    ScanPosition.start()):
+            if stored is not None and stored.state not in FINAL_STATES:
+                return stored.record.task.task_id
+        return None
+
+    def _check(self, function: functions_pb2.Function) -> None:
+        problems = validation.function_violations(
+            function, handler_packages=self._packages,
+            allow_private_targets=self._allow_private)
+        if problems:
+            raise InvalidArgument(problems)
+
+    @staticmethod
+    def _refuse_if_deleting(function: functions_pb2.Function) -> None:
+        if function.state == State.FUNCTION_STATE_DELETING:
+            raise FailedPrecondition(f"function {function.name!r} is being deleted",
+                                     reason="FUNCTION_DELETING")
+
+    def _get(self, name: str, *, field: str = "name") -> functions_pb2.Function:
+        validation.check_name(name, field)
         function = self._functions.get(current_tenant.get(), name)
         if function is None:
             raise NotFound(f"function {name!r} not found", reason="FUNCTION_NOT_FOUND")

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
@@ -26,11 +26,13 @@ from weir.v1 import operations_pb2, tasks_pb2
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.operations import OperationStore, StoredOperation
-from libs.cassandra.tasks import now_utc, timestamp_of
+from libs.cassandra.tasks import FINAL_STATES, now_utc, timestamp_of
 from libs.errors import InvalidArgument, NotFound
 from libs.lifecycle import Lifecycle
 from services.gateway.control import ScanPosition, TaskControl, scan_tasks
+from services.gateway.engine import FUNCTION_CACHE_SECONDS
 from services.gateway.filters import DeadLetterFilter, TaskFilter
+from services.gateway.validation import check_operation_name
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +50,13 @@ Item = tuple[str, Callable[[], bool]]
 
 
 def new_operation(tenant_id: str, kind: int, description: str, *, filter: str = "",
-                  task_ids=(), payload_override: bytes | None = None,
-                  items_per_second: float) -> records_pb2.OperationRecord:
+                  task_ids: Sequence[str] = (), payload_override: bytes | None = None,
+                  function: str = "", items_per_second: float) -> records_pb2.OperationRecord:
     operation = operations_pb2.Operation(
         name=f"op-{uuid.uuid4().hex}", description=description,
         state=OpState.OPERATION_STATE_PENDING, create_time=timestamp_of(now_utc()))
     record = records_pb2.OperationRecord(tenant_id=tenant_id, operation=operation, kind=kind,
-                                         filter=filter, task_ids=task_ids,
+                                         filter=filter, task_ids=task_ids, function=function,
                                          items_per_second=items_per_second)
     if payload_override is not None:
         record.payload_override = payload_override
@@ -73,7 +75,8 @@ class OperationStarter:
         """Stores the operation for a runner to pick up; a repeated ``request_id`` returns the
         operation the first call started."""
         if request_id:
-            claim = self._dedup.claim(tenant_id, "operation:" + request_id,
+            # "/" is in no task ID: operations' request IDs are a namespace of their own.
+            claim = self._dedup.claim(tenant_id, "operation/" + request_id,
                                       record.operation.name, window=REQUEST_ID_WINDOW)
             if not claim.granted:
                 return self.get(tenant_id, claim.task_id)
@@ -81,8 +84,7 @@ class OperationStarter:
         return record.operation
 
     def get(self, tenant_id: str, name: str) -> operations_pb2.Operation:
-        if not name:
-            raise InvalidArgument({"name": "required"})
+        check_operation_name(name)
         stored = self._operations.get(tenant_id, name)
         if stored is None:
             raise NotFound(f"operation {name!r} not found", reason="OPERATION_NOT_FOUND")
@@ -170,6 +172,8 @@ class OperationRunner:
                         if not self._checkpoint(record):
                             return
                 self._process(pool, chunk, record)
+            if record.kind == Kind.OPERATION_KIND_DELETE_FUNCTION:
+                self._control.delete_function(record.tenant_id, record.function)
             op.state = OpState.OPERATION_STATE_SUCCEEDED
         except Exception as exc:  # noqa: BLE001 - reported in the operation itself
             log.exception("operation stopped by an error", extra={"operation": op.name})
@@ -213,12 +217,22 @@ class OperationRunner:
         task_filter = TaskFilter.parse(record.filter)
         if record.cursor:
             position = ScanPosition.from_json(record.cursor)
+        elif record.kind == Kind.OPERATION_KIND_DELETE_FUNCTION:
+            # Every task of the function, also those a gateway accepted while its cache still
+            # showed the function before DELETING: they are all in by then.
+            settled = (record.operation.create_time.ToDatetime(tzinfo=UTC)
+                       + timedelta(seconds=FUNCTION_CACHE_SECONDS))
+            time.sleep(max(0.0, (settled - now_utc()).total_seconds()))
+            position = ScanPosition.start()
         else:  # tasks created after the operation are not its business
             position = ScanPosition.start(record.operation.create_time.ToDatetime(tzinfo=UTC))
         delete = record.kind == Kind.OPERATION_KIND_DELETE_TASKS
+        unfinished_only = record.kind == Kind.OPERATION_KIND_DELETE_FUNCTION
         for after, stored in scan_tasks(self._lifecycle, record.tenant_id, task_filter,
                                         position):
             cursor = after.to_json()
+            if stored is None or (unfinished_only and stored.state in FINAL_STATES):
+                continue
             if delete:
                 yield cursor, lambda s=stored: self._control.delete(s)
             else:  # done when it ends up CANCELLED (also by a repeat after a take-over)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -15,6 +14,7 @@ from weir.v1 import tasks_pb2, tasks_pb2_grpc
 from libs.cassandra.tasks import FINAL_STATES, StoredTask
 from libs.errors import InvalidArgument, NotFound, Unavailable
 from libs.lifecycle import Lifecycle
+from libs.pagetoken import PageTokens
 from services.gateway import validation
 from services.gateway.auth import current_tenant
 from services.gateway.control import ScanPosition, TaskControl, scan_tasks
@@ -42,7 +42,7 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
     def __init__(self, *, submitter: Submitter, lifecycle: Lifecycle, control: TaskControl,
                  operations: OperationStarter, max_payload_bytes: int, batch_rate: float,
                  notifier: Callable[[], notifier_pb2_grpc.NotifierServiceStub],
-                 streams: StreamQuota) -> None:
+                 streams: StreamQuota, tokens: PageTokens, allow_private_targets: bool) -> None:
         self._submitter = submitter
         self._lifecycle = lifecycle
         self._tasks = lifecycle.tasks
@@ -52,20 +52,25 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         self._max_payload = max_payload_bytes
         self._notifier = notifier  # an asyncio stub, made on the server's loop
         self._streams = streams
+        self._tokens = tokens
+        self._allow_private = allow_private_targets
 
     def CreateTask(self, request, context):
-        validation.check_create(request, max_payload_bytes=self._max_payload)
+        validation.check_create(request, max_payload_bytes=self._max_payload,
+                                allow_private_targets=self._allow_private)
         created = self._submitter.create(current_tenant.get(), [request], prefix=lambda i: "")
         return raise_for_single(created[0])
 
     def BatchCreateTasks(self, request, context):
-        validation.check_batch(request, max_payload_bytes=self._max_payload)
+        validation.check_batch(request, max_payload_bytes=self._max_payload,
+                               allow_private_targets=self._allow_private)
         created = self._submitter.create(current_tenant.get(), list(request.requests),
                                          prefix=lambda i: f"requests[{i}].")
         return tasks_pb2.BatchCreateTasksResponse(results=[
             tasks_pb2.BatchCreateTaskResult(task=c.task, status=c.status) for c in created])
 
     def GetTask(self, request, context):
+        validation.check_view(request.view)
         stored = self._get(request.task_id)
         view = request.view or View.TASK_VIEW_FULL
         stages = (self._tasks.stages(current_tenant.get(), request.task_id)
@@ -73,23 +78,32 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         return shape(stored.record.task, view, stages)
 
     def ListTasks(self, request, context):
-        if request.page_size < 0 or request.page_size > 1000:
-            raise InvalidArgument({"page_size": "between 0 and 1,000"})
+        validation.check_page(request.page_size, request.page_token)
+        validation.check_view(request.view)
         task_filter = TaskFilter.parse(request.filter)
+        tenant = current_tenant.get()
+        start = ScanPosition.start()
+        if request.page_token:
+            start = ScanPosition.from_dict(self._tokens.decode(
+                request.page_token, listing="tasks", tenant_id=tenant, filter=request.filter))
         page_size = request.page_size or 100
         view = request.view or View.TASK_VIEW_BASIC
         found: list[tasks_pb2.Task] = []
-        for position, item in scan_tasks(self._lifecycle, current_tenant.get(), task_filter,
-                                         _decode_token(request.page_token), batch=page_size * 2):
-            found.append(shape(item.record.task, view))
-            if len(found) == page_size:
-                return tasks_pb2.ListTasksResponse(tasks=found,
-                                                   next_page_token=_encode_token(position))
+        # At most this many tasks are read for one page: a filter that matches little
+        # returns a shorter page (with a token) rather than reading the whole window.
+        budget = max(page_size * 20, 2000)
+        for position, item in scan_tasks(self._lifecycle, tenant, task_filter, start,
+                                         batch=page_size * 2, budget=budget):
+            if item is not None:
+                found.append(shape(item.record.task, view))
+            if item is None or len(found) == page_size:
+                return tasks_pb2.ListTasksResponse(tasks=found, next_page_token=(
+                    self._tokens.encode(position.to_dict(), listing="tasks", tenant_id=tenant,
+                                        filter=request.filter)))
         return tasks_pb2.ListTasksResponse(tasks=found)
 
     def CancelTask(self, request, context):
-        if len(request.reason) > 256:
-            raise InvalidArgument({"reason": "at most 256 characters"})
+        validation.check_reason(request.reason)
         stored = self._get(request.task_id)
         after, _ = self._control.cancel(stored, reason=request.reason or "cancelled by a caller")
         return shape(after.record.task, View.TASK_VIEW_BASIC)
@@ -105,6 +119,7 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         return self._start_batch(request, Kind.OPERATION_KIND_DELETE_TASKS, "BatchDeleteTasks")
 
     def _start_batch(self, request, kind: int, method: str):
+        validation.check_request_id(request.request_id)
         if not request.filter.strip():
             raise InvalidArgument({"filter": "required; e.g. function = \"resize\""})
         TaskFilter.parse(request.filter)  # a bad filter fails the call, not the operation
@@ -113,8 +128,7 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
             items_per_second=self._batch_rate), request_id=request.request_id)
 
     def _get(self, task_id: str) -> StoredTask:
-        if not task_id:
-            raise InvalidArgument({"task_id": "required"})
+        validation.check_id(task_id)
         stored = self._tasks.get(current_tenant.get(), task_id)
         if stored is None:
             raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
@@ -161,16 +175,3 @@ def _deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The caller's remaining time, to pass upstream (None when it set no deadline)."""
     remaining = context.time_remaining()
     return remaining if remaining is not None and remaining < NO_DEADLINE else None
-
-
-def _encode_token(position: ScanPosition) -> str:
-    return base64.urlsafe_b64encode(position.to_json().encode()).decode()
-
-
-def _decode_token(token: str) -> ScanPosition:
-    if not token:
-        return ScanPosition.start()
-    try:
-        return ScanPosition.from_json(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InvalidArgument({"page_token": "not a token this API returned"}) from exc

@@ -2,6 +2,7 @@
 
 from libs import service
 from libs.cassandra.session import close, connect
+from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from services.router.engine import RouteTable
 from services.router.server import create_server
@@ -9,8 +10,10 @@ from services.router.server import create_server
 
 def start(config: WeirConfig) -> service.Started:
     session = connect(config)
+    tenants = TenantStore(session)
     routes = RouteTable(session, topic_prefix=config.topic_prefix,
-                        partitions=config.task_partitions, shard_size=config.shard_size)
+                        partitions=config.task_partitions, shard_size=config.shard_size,
+                        tenant_exists=lambda tenant_id: tenants.get_tenant(tenant_id) is not None)
     return service.Started(server=create_server(config, routes=routes),
                            close=lambda: close(session))
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
+from collections.abc import Callable
 
 from cassandra.cluster import Session
 from weir.internal.router.v1 import router_pb2
 from weir.v1 import common_pb2
 
+from libs.errors import NotFound, excerpt
 from libs.kafka.topics import task_topic
 
 TIERS = {
@@ -35,8 +37,9 @@ class RouteTable:
     """Routes stored in Cassandra (so an operator can move a tenant) and cached in memory."""
 
     def __init__(self, session: Session, *, topic_prefix: str, partitions: int,
-                 shard_size: int) -> None:
+                 shard_size: int, tenant_exists: Callable[[str], bool]) -> None:
         self._session = session
+        self._tenant_exists = tenant_exists
         self._prefix = topic_prefix
         self._partitions = partitions
         self._shard_size = shard_size
@@ -69,6 +72,9 @@ class RouteTable:
     def _load_or_assign(self, tenant_id: str, function: str) -> tuple[list[int], int]:
         row = self._session.execute(self._select, (tenant_id, function)).one()
         if row is None:
+            if not self._tenant_exists(tenant_id):  # a route is assigned to tenants only
+                raise NotFound(f"tenant {excerpt(tenant_id)} does not exist",
+                               reason="TENANT_NOT_FOUND")
             shard = shuffle_shard(tenant_id, function, partitions=self._partitions,
                                   shard_size=self._shard_size)
             result = self._session.execute(self._insert, (

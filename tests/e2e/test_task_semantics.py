@@ -538,6 +538,8 @@ def test_bad_batch_and_redrive_requests_are_refused(suite, tenant):
             client.redrive_dead_letters(["a"], filter='function = "x"')
         assert "task_ids" in raised.value.violations
         with pytest.raises(errors.NotFound):
+            client.get_operation("op-" + "0" * 32)
+        with pytest.raises(errors.InvalidArgument):
             client.get_operation("op-does-not-exist")
         with pytest.raises(errors.NotFound):
             client.cancel_task("no-such-task")
