@@ -91,8 +91,12 @@ class WeirConfig:
     # Pipeline behaviour.
     max_payload_bytes: int = setting(1 << 20, "Largest task payload the gateway accepts.",
                                      check=_positive, rule="> 0")
-    worker_processes: int = setting(4, "Worker processes per executor-manager (its slots).",
+    worker_processes: int = setting(4, "Worker processes per executor-manager.",
                                     check=_positive, rule="> 0")
+    worker_slots: int = setting(
+        8, "Attempts one worker process runs at once (threads); a function's "
+        "worker_concurrency caps its own attempts in a process below this.",
+        check=_positive, rule="> 0")
     lease_seconds: float = setting(
         30.0, "How long a dispatch lease lasts unless renewed; a dead executor's tasks are "
         "re-dispatched after at most this long.", check=_positive, rule="> 0")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +22,14 @@ class Started:
     server: GrpcServer
     drain: Callable[[], None] = field(default=lambda: None)
     close: Callable[[], None] = field(default=lambda: None)
+    exit_code: int = 0  # set by work that died: the process exits with it after shutting down
+
+    def fail(self) -> None:
+        """Work this service needs has died: NOT_SERVING now, then shut down and exit 1, for
+        a supervisor to restart the process."""
+        self.exit_code = 1
+        self.server.set_serving(False)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run(service: str, start: Callable[[weir_config.WeirConfig], Started]) -> None:
@@ -42,3 +52,4 @@ def run(service: str, start: Callable[[weir_config.WeirConfig], Started]) -> Non
                                              drain=started.drain)
     finally:
         started.close()
+    sys.exit(started.exit_code)

@@ -102,8 +102,12 @@ class Credentials:
         return grpc.aio.secure_channel(address, self._channel_credentials(),
                                        options=self.channel_options(peer))
 
-    def channel_options(self, peer: str) -> list[tuple[str, str]]:
-        return [("grpc.ssl_target_name_override", dns_name(peer))]
+    def channel_options(self, peer: str) -> list[tuple[str, str | int]]:
+        # A restarted service is found again within a couple of seconds: grpc's default
+        # reconnect backoff grows to two minutes, long enough to idle an executor.
+        return [("grpc.ssl_target_name_override", dns_name(peer)),
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 2000)]
 
     def _channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self.ca,

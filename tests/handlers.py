@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import resource
+import threading
 import time
+from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
 
@@ -85,3 +87,51 @@ def sandbox_report(payload: bytes) -> bytes:
         "paths": {path: _probe(path) for path in json.loads(payload or b"[]")},
         "own_weir": {str(own_weir): _probe(str(own_weir))},
     }).encode()
+
+
+# Attempts of each function inside this worker process right now, for `overlap`.
+_inside: dict[tuple[str, str], int] = {}
+_inside_lock = threading.Lock()
+
+
+@sdk.task
+def overlap(payload: bytes) -> bytes:
+    """Sleeps the milliseconds in its payload; returns, as JSON, its process id and how many
+    attempts of its function (itself included) this process was running when it entered."""
+    attempt = sdk.current_attempt()
+    key = (attempt.tenant_id, attempt.function)
+    with _inside_lock:
+        _inside[key] = inside = _inside.get(key, 0) + 1
+    try:
+        time.sleep(int(payload or b"0") / 1000)
+    finally:
+        with _inside_lock:
+            _inside[key] -= 1
+    return json.dumps({"pid": os.getpid(), "inside": inside}).encode()
+
+
+@sdk.task
+def crash(payload: bytes) -> bytes:
+    """Ends its worker process at once with the exit status in its payload (e.g. b"3"), as a
+    handler that segfaults or calls os._exit would."""
+    os._exit(int(payload or b"1"))
+
+
+_seen: ContextVar[str | None] = ContextVar("tests_handlers_seen", default=None)
+
+
+@sdk.task
+def whoami(payload: bytes) -> bytes:
+    """The attempt as `sdk.current_attempt()` tells it, as JSON, after sleeping the
+    milliseconds in its payload; ``leaked`` is what an earlier attempt left in a ContextVar
+    (it must be None: each attempt gets a fresh context)."""
+    leaked = _seen.get()
+    attempt = sdk.current_attempt()
+    _seen.set(attempt.task_id)
+    time.sleep(int(payload or b"0") / 1000)
+    again = sdk.current_attempt()  # still its own after other slots ran theirs meanwhile
+    return json.dumps({
+        "tenant_id": again.tenant_id, "task_id": again.task_id, "function": again.function,
+        "attempt_number": again.attempt_number,
+        "deadline": again.deadline.isoformat() if again.deadline else None,
+        "leaked": leaked, "pid": os.getpid()}).encode()

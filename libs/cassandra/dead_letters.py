@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from cassandra.cluster import Session
+from cassandra.cluster import ResponseFuture, Session
 from weir.storage.v1 import records_pb2
 from weir.v1 import dead_letters_pb2
 
-from libs.cassandra.tasks import timestamp_of
+from libs.cassandra.taskstate import StoredTask, timestamp_of
 
 
 @dataclass(frozen=True)
@@ -22,15 +22,16 @@ class DeadLetterRow:
     error_class: int
 
 
-def dead_letter_of(record: records_pb2.TaskRecord, *, when: datetime
-                   ) -> dead_letters_pb2.DeadLetter:
-    task = record.task
-    last = task.attempts[-1] if task.attempts else None
+def dead_letter_of(stored: StoredTask, *, when: datetime) -> dead_letters_pb2.DeadLetter:
+    """The dead letter of a task that failed for good: its input (a re-drive's replacement,
+    if any), its attempts and last status."""
+    task, status = stored.spec.task, stored.status
+    attempts = stored.attempts()
     return dead_letters_pb2.DeadLetter(
-        task_id=task.task_id, function=task.function, payload=task.payload,
-        dead_letter_time=timestamp_of(when), last_status=task.last_status,
-        error_class=last.error_class if last else 0, attempts=task.attempts,
-        redrive_count=record.redrive_count)
+        task_id=task.task_id, function=task.function, payload=stored.payload,
+        dead_letter_time=timestamp_of(when), last_status=status.last_status,
+        error_class=attempts[-1].error_class if attempts else 0, attempts=attempts,
+        redrive_count=status.redrive_count)
 
 
 class DeadLetterStore:
@@ -53,15 +54,23 @@ class DeadLetterStore:
         self._delete_by_time = p("DELETE FROM dead_letters_by_time WHERE tenant_id = ? "
                                  "AND dead_letter_time = ? AND task_id = ?")
 
-    def put(self, record: records_pb2.TaskRecord, *, when: datetime) -> None:
+    def put(self, stored: StoredTask, *, when: datetime) -> None:
         """Files a failed task; idempotent for the same ``when``."""
-        letter = dead_letter_of(record, when=when)
-        stored = records_pb2.DeadLetterRecord(tenant_id=record.tenant_id, dead_letter=letter)
+        for future in self.put_async(stored, when=when):
+            future.result()
+
+    def put_async(self, stored: StoredTask, *, when: datetime) -> list[ResponseFuture]:
+        """`put`, for a caller that waits for many writes at once."""
+        letter = dead_letter_of(stored, when=when)
+        tenant_id = stored.spec.tenant_id
+        record = records_pb2.DeadLetterRecord(tenant_id=tenant_id, dead_letter=letter)
         when = letter.dead_letter_time.ToDatetime(tzinfo=UTC)
-        self._session.execute(self._insert_by_time, (
-            record.tenant_id, when, letter.task_id, letter.function, letter.error_class))
-        self._session.execute(self._insert, (record.tenant_id, letter.task_id, when,
-                                             stored.SerializeToString()))
+        return [
+            self._session.execute_async(self._insert_by_time, (
+                tenant_id, when, letter.task_id, letter.function, letter.error_class)),
+            self._session.execute_async(self._insert, (tenant_id, letter.task_id, when,
+                                                       record.SerializeToString())),
+        ]
 
     def get(self, tenant_id: str, task_id: str) -> dead_letters_pb2.DeadLetter | None:
         row = self._session.execute(self._select, (tenant_id, task_id)).one()

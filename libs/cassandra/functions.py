@@ -6,7 +6,7 @@ from cassandra.cluster import Session
 from weir.storage.v1 import records_pb2
 from weir.v1 import functions_pb2
 
-from libs.cassandra.tasks import now_utc, timestamp_of
+from libs.cassandra.taskstate import now_utc, timestamp_of
 
 
 class FunctionStore:

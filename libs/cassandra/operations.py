@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from cassandra.cluster import Session
 from weir.storage.v1 import records_pb2
 
-from libs.cassandra.tasks import now_utc
+from libs.cassandra.taskstate import now_utc
 
 ACTIVE_BUCKET = 0  # few operations run at once: one partition lists them
 

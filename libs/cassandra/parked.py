@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from cassandra.cluster import Session
 from weir.storage.v1 import records_pb2
@@ -27,6 +27,13 @@ class ParkedStore:
     def unpark(self, message: records_pb2.TaskMessage) -> None:
         self._session.execute(self._delete, (message.tenant_id, message.function,
                                              message.task_id))
+
+    def unpark_many(self, messages: Iterable[records_pb2.TaskMessage]) -> None:
+        """`unpark` of many tasks, concurrently."""
+        futures = [self._session.execute_async(self._delete, (m.tenant_id, m.function,
+                                                              m.task_id)) for m in messages]
+        for future in futures:
+            future.result()
 
     def forget_function(self, tenant_id: str, function: str) -> None:
         """Drops every parked task of a deleted function (one partition delete)."""

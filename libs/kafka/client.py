@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from libs.kafka.acks import PartitionAckTracker
@@ -50,16 +51,20 @@ class Producer:
     def send_all(self, records: Iterable[Record], *, timeout_seconds: float = 10.0) -> None:
         """Produces every record and returns when all are acknowledged by the broker.
 
+        Waits for these records only, not the whole producer: a `flush` would also wait for
+        every other caller's records (and send half-filled batches early for all of them).
+        The sender ships a batch when it fills or after ``linger_ms``.
+
         Raises:
             kafka.errors.KafkaError: when any record could not be produced in time; some of
                 the others may have been, so callers re-send idempotent records only.
         """
+        deadline = time.monotonic() + timeout_seconds
         pending = [self._producer.send(r.topic, value=r.value, key=r.key,
                                        partition=r.partition, headers=r.headers)
                    for r in records]
-        self._producer.flush(timeout=timeout_seconds)
         for future in pending:
-            future.get(timeout=timeout_seconds)
+            future.get(timeout=max(deadline - time.monotonic(), 0.001))
 
     def close(self, timeout_seconds: float = 5.0) -> None:
         self._producer.close(timeout=timeout_seconds)
@@ -96,16 +101,21 @@ class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, consumer: Consumer) -> None:
         self._consumer = consumer
 
-    def on_partitions_revoked(self, revoked):
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # Best effort: kafka-python runs this on its IO thread, where a blocking commit is
         # refused, so the commit is asynchronous and may lose the race with the rebalance.
         # Then the new owner redelivers what was done since the last commit (at-least-once).
-        self._consumer.commit(revoked, wait=False)
+        try:
+            self._consumer.commit(revoked, wait=False)
+        except Exception:  # a broker gone away: the next owner replays a little more
+            log.warning("could not commit revoked partitions", exc_info=True)
         self._consumer._forget(revoked)
+        self._consumer.on_revoked(set(revoked))
 
-    def on_partitions_assigned(self, assigned):
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions assigned", extra={"partitions": [f"{tp.topic}/{tp.partition}"
                                                               for tp in assigned]})
+        self._consumer.on_assigned(set(assigned))
 
 
 class Consumer:
@@ -113,16 +123,23 @@ class Consumer:
 
     def __init__(self, *, bootstrap: str, group_id: str, topics: Sequence[str],
                  client_id: str, max_poll_records: int = 500,
-                 session_timeout_ms: int = 10_000) -> None:
+                 session_timeout_ms: int = 10_000, instance_id: str | None = None,
+                 on_assigned: Callable[[set[TopicPartition]], None] = lambda tps: None,
+                 on_revoked: Callable[[set[TopicPartition]], None] = lambda tps: None) -> None:
+        # Called on kafka-python's IO thread: they may only hand work to other threads.
+        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
         self._consumer = KafkaConsumer(
             bootstrap_servers=bootstrap.split(","), group_id=group_id, client_id=client_id,
             enable_auto_commit=False, auto_offset_reset="earliest",
             max_poll_records=max_poll_records, session_timeout_ms=session_timeout_ms,
+            group_instance_id=instance_id,
             heartbeat_interval_ms=max(session_timeout_ms // 4, 250),
             metadata_max_age_ms=10_000)
         self._await_partitions(topics, timeout_seconds=60)
         self._consumer.subscribe(list(topics), listener=_Rebalance(self))
         self._trackers: dict[TopicPartition, PartitionAckTracker] = {}
+        self._committed: dict[TopicPartition, int] = {}
         self._rewinds: set[TopicPartition] = set()
         self._lock = threading.Lock()
 
@@ -160,11 +177,29 @@ class Consumer:
                     consumer=self))
         return messages
 
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        """Stops fetching these partitions (polling goes on: the membership stays alive)."""
+        owned = set(partitions) & self._consumer.assignment()
+        if owned:
+            self._consumer.pause(*owned)
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        owned = set(partitions) & self._consumer.assignment()
+        if owned:
+            self._consumer.resume(*owned)
+
+    def end_offsets(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """The offset after each partition's last record, now."""
+        return self._consumer.end_offsets(list(partitions))
+
     def commit(self, partitions: Iterable[TopicPartition] | None = None, *,
                wait: bool = True) -> dict[TopicPartition, int]:
         """Commits each owned partition up to its lowest unacknowledged offset."""
         chosen = self._trackers if partitions is None else set(partitions) & set(self._trackers)
         offsets = {tp: self._trackers[tp].commit_offset() for tp in chosen}
+        # Only what moved since the last commit: an idle partition costs no request.
+        offsets = {tp: o for tp, o in offsets.items() if self._committed.get(tp) != o}
+        self._committed.update(offsets)
         if offsets:
             request = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
             if wait:
@@ -200,9 +235,10 @@ class Consumer:
             self._trackers[tp] = PartitionAckTracker(start_offset=offset)
             self._consumer.seek(tp, offset)
 
-    def _forget(self, partitions) -> None:
+    def _forget(self, partitions: Iterable[TopicPartition]) -> None:
         for tp in partitions:
             self._trackers.pop(tp, None)
+            self._committed.pop(tp, None)
 
 
 class ConsumerLoop:
@@ -210,13 +246,25 @@ class ConsumerLoop:
     what is safe after every poll; `stop` lets the current poll finish, then leaves the group.
 
     ``on_message`` owns the message from then on: it acks or nacks it, now or later (from
-    another thread); if it raises, the message is nacked and delivered again.
+    another thread); if it raises, the message is nacked and delivered again. ``between``
+    runs on the loop's thread before each poll (the consumer is not thread-safe: pausing,
+    resuming and asking offsets happen there).
+
+    A broker that goes away and comes back is an outage, not an end: a failed poll or commit
+    is logged and tried again, and kafka-python rejoins the group by itself. Anything else
+    that escapes ends the loop and calls ``on_death`` (the service then says NOT_SERVING and
+    exits, for a supervisor to restart it).
     """
 
     def __init__(self, consumer: Consumer, on_message: Callable[[Message], None], *,
-                 name: str) -> None:
+                 name: str, between: Callable[[], None] = lambda: None,
+                 on_death: Callable[[BaseException], None] = lambda exc: None,
+                 poll_seconds: float = 0.2) -> None:
         self._consumer = consumer
         self._on_message = on_message
+        self._between = between
+        self._on_death = on_death
+        self._poll_seconds = poll_seconds
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -236,12 +284,37 @@ class ConsumerLoop:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - reported, then the service exits
+            log.exception("the consumer loop died")
+            self._on_death(exc)
+
+    def _loop(self) -> None:
+        failures = 0
         while not self._stopping.is_set():
-            for message in self._consumer.poll(0.2):
+            self._between()
+            try:
+                messages = self._consumer.poll(self._poll_seconds)
+            except KafkaError:
+                failures += 1
+                log.warning("poll failed; trying again", exc_info=failures == 1)
+                self._stopping.wait(min(0.1 * failures, 2.0))
+                continue
+            for message in messages:
                 try:
                     self._on_message(message)
                 except Exception:
                     log.exception("message handling failed; it will be delivered again")
                     message.nack()
-            self._consumer.commit()
+            try:
+                self._consumer.commit(wait=False)
+                failures = 0
+            except KafkaError:  # e.g. a rebalance after a broker restart: commit next time
+                failures += 1
+                log.warning("commit failed; trying again", exc_info=failures == 1)

@@ -1,67 +1,81 @@
 """Runs the dispatcher: ``python -m services.dispatcher``."""
 
-import functools
+import os
 from datetime import timedelta
 
-from weir.internal.executor_manager.v1 import executor_manager_pb2_grpc
-
-from libs import service, tls
+from libs import service
+from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.functions import FunctionStore
+from libs.cassandra.owners import PartitionOwners
 from libs.cassandra.parked import ParkedStore
+from libs.cassandra.partition_index import PartitionIndex
 from libs.cassandra.session import close, connect
-from libs.cassandra.timers import TimerStore
+from libs.cassandra.taskstate import TaskStateStore
 from libs.config import WeirConfig
-from libs.kafka.client import Consumer, Producer
-from libs.kafka.topics import PRIORITY_TIERS, task_topic
-from libs.lifecycle import Lifecycle
-from libs.periodic import Periodic
-from services.dispatcher.engine import Dispatcher, ExecutorDirectory, LeaseSweeper
+from libs.kafka.client import Consumer, ConsumerLoop, Producer
+from libs.kafka.topics import PRIORITY_TIERS, results_topic, task_topic, weir_topics
+from services.dispatcher.engine import (
+    Adoption,
+    Flusher,
+    Functions,
+    Intake,
+    PartitionConsumer,
+    Publisher,
+    TimerWheel,
+)
+from services.dispatcher.owner import Owner
 from services.dispatcher.server import create_server
-from services.dispatcher.timers import TimerFirer, TimerPoller
-
-TIMER_POLL_SECONDS = 0.2  # under the poller's 1 s lookahead, so no timer is read late
 
 
 def start(config: WeirConfig) -> service.Started:
-    credentials = tls.Credentials.of(config, "dispatcher")
     session = connect(config)
     producer = Producer(bootstrap=config.kafka_bootstrap, client_id="dispatcher")
-    lifecycle = Lifecycle.of_service(session, producer, service="dispatcher",
-                                     topic_prefix=config.topic_prefix)
-    functions = FunctionStore(session)
-    directory = ExecutorDirectory()
-    server = create_server(config, directory=directory)
-    dispatcher_id = f"{config.advertise_host}:{server.port}"
-    consumer = Consumer(bootstrap=config.kafka_bootstrap, group_id=f"{config.topic_prefix}"
-                        "-dispatchers", client_id=f"dispatcher-{dispatcher_id}",
-                        topics=[task_topic(config.topic_prefix, t) for t in PRIORITY_TIERS])
+    lease = timedelta(seconds=config.lease_seconds)
+    tasks, index = TaskStateStore(session), PartitionIndex(session)
+    owners = PartitionOwners(session)
+    functions = Functions(FunctionStore(session))
+    owner_name = f"dispatcher-{config.advertise_host}-{os.getpid()}"
+    owner = Owner(lease=lease, dispatcher_id=owner_name)
+    server = create_server(config, owner=owner)
+    results = next(t for t in weir_topics(config) if t.name == results_topic(config.topic_prefix))
+    timers = TimerWheel(owner=owner, index=index, tasks=tasks, owners=owners,
+                        functions=functions).start()
+    flusher = Flusher(owner=owner, tasks=tasks, index=index, owners=owners,
+                      dead_letters=DeadLetterStore(session), parked=ParkedStore(session),
+                      timers=timers, functions=functions,
+                      publisher=Publisher(producer, results.name, results.partitions)).start()
+    intake = Intake(owner=owner, tasks=tasks, functions=functions)
+    partitions = PartitionConsumer(owner=owner, intake=intake)
+    consumer = Consumer(bootstrap=config.kafka_bootstrap,
+                        group_id=f"{config.topic_prefix}-dispatchers", client_id=owner_name,
+                        topics=[task_topic(config.topic_prefix, t) for t in PRIORITY_TIERS],
+                        on_assigned=partitions.assigned, on_revoked=partitions.revoked,
+                        # Static membership: a dispatcher restarted in its place (same host
+                        # and port) takes its partitions back at once, without a rebalance.
+                        instance_id=f"dispatcher-{config.advertise_host}:{server.port}")
+    adoption = Adoption(owner=owner, owners=owners, index=index, tasks=tasks,
+                        functions=functions, timers=timers, owner_name=owner_name, lease=lease,
+                        resume=partitions.resume)
+    partitions.bind(consumer, adoption)
 
-    @functools.cache
-    def stub_for(address: str) -> executor_manager_pb2_grpc.ExecutorServiceStub:
-        # The executor must prove it is one: a reported address alone gets no task.
-        return executor_manager_pb2_grpc.ExecutorServiceStub(
-            credentials.channel(address, "executor-manager"))
-
-    dispatcher = Dispatcher(dispatcher_id=dispatcher_id, lifecycle=lifecycle,
-                            functions=functions, parked=ParkedStore(session), consumer=consumer,
-                            directory=directory, lease=timedelta(seconds=config.lease_seconds),
-                            stub_for=stub_for).start()
-    sweeper = Periodic("lease-sweeper", config.sweep_interval_seconds,
-                       LeaseSweeper(lifecycle=lifecycle, functions=functions).sweep).start()
-    timers = TimerPoller(timers=TimerStore(session), fire=TimerFirer(lifecycle)).start()
-    timer_polls = Periodic("timer-poller", TIMER_POLL_SECONDS, timers.poll).start()
+    started: list[service.Started] = []
+    # A dead loop takes no more tasks: NOT_SERVING, then exit 1 (its partitions move to the
+    # other dispatchers meanwhile).
+    loop = ConsumerLoop(consumer, intake.offer, name="dispatcher", between=partitions.between,
+                        on_death=lambda exc: started[0].fail())
 
     def drain() -> None:
-        timer_polls.stop()
+        loop.stop()
+        flusher.stop()
         timers.stop()
-        sweeper.stop()
-        dispatcher.stop()
 
     def shutdown() -> None:
         producer.close()
         close(session)
 
-    return service.Started(server=server, drain=drain, close=shutdown)
+    started.append(service.Started(server=server, drain=drain, close=shutdown))
+    loop.start()
+    return started[0]
 
 
 if __name__ == "__main__":

@@ -1,272 +1,631 @@
-"""Dispatching: lease each queued task and push it to the executor with the most free slots."""
+"""The dispatcher's moving parts around its `Owner`: intake, adoption, flushing, timers.
+
+- `Intake` (the consumer thread's side) turns consumed records into `Owner.take` calls, in
+  offset order per partition; records that need the task's stored state (control records,
+  records produced again, records already on the partition when it was assigned) wait for
+  their read, and the records behind them wait too.
+- `Adoption` takes a newly assigned partition's next epoch, adopts the attempts its last
+  owner sent out (from the in-flight index) and loads its timers, before its records flow.
+- `Flusher` writes the owner's changes every few milliseconds — one INSERT per changed task,
+  the index rows grouped — then acknowledges records and publishes outcomes; it renews the
+  epochs' timestamp ranges and checks, before writing, that the epochs are still ours.
+- `TimerWheel` fires the owned partitions' timers when due.
+"""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
-import random
 import threading
 import time
-import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import grpc
-from google.rpc import code_pb2, status_pb2
-from weir.internal.executor_manager.v1 import executor_manager_pb2, executor_manager_pb2_grpc
+from cassandra.cluster import ResponseFuture
+from kafka import TopicPartition
 from weir.storage.v1 import records_pb2
-from weir.v1 import common_pb2, functions_pb2, tasks_pb2
+from weir.v1 import functions_pb2
 
 from libs.cache import TtlCache
+from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.functions import FunctionStore
+from libs.cassandra.owners import RANGE, Ownership, OwnershipLost, PartitionOwners
 from libs.cassandra.parked import ParkedStore
-from libs.cassandra.tasks import BUCKETS, now_utc, timestamp_of
-from libs.kafka.client import Consumer, ConsumerLoop, Message
-from libs.lifecycle import Lifecycle
-from libs.retry import RetryPolicy
+from libs.cassandra.partition_index import MINUTE, PartitionIndex, Timer, minute_of
+from libs.cassandra.taskstate import StoredTask, TaskKey, TaskStateStore, now_utc
+from libs.kafka.client import Consumer, Message, Producer, Record
+from libs.taskqueue import records_by_partition
+from services.dispatcher.owner import HELD, FlushBatch, Owner, PartitionId, RecordAck
 
 log = logging.getLogger(__name__)
 
-State = tasks_pb2.TaskState
-# Functions whose tasks are held: paused, or being deleted (their tasks are cancelled).
-HELD = frozenset({functions_pb2.FunctionState.FUNCTION_STATE_PAUSED,
-                  functions_pb2.FunctionState.FUNCTION_STATE_DELETING})
+Kind = records_pb2.MessageKind
+FLUSH_SECONDS = 0.004  # changes wait at most this long to be written together
+VERIFY_SECONDS = 0.1  # epochs are re-read before a flush when older than this
+TIMER_MARGIN = timedelta(seconds=15)  # a minute's timers are done this long after it ends
+READY_LIMIT = 5000  # tasks in the ready queue before consuming pauses
+
+
+def resolve(future: ResponseFuture) -> Future:
+    """A concurrent.futures view of a driver future (callbacks, no thread waiting)."""
+    done: Future = Future()
+    future.add_callbacks(lambda rows: done.set_result(rows),
+                         lambda exc: done.set_exception(exc))
+    return done
+
+
+class Functions:
+    """Functions by (tenant, name), cached: a pause reaches dispatching within ``ttl``."""
+
+    def __init__(self, store: FunctionStore, *, ttl: float = 1.0) -> None:
+        self._cache = TtlCache(store.get, ttl=ttl)
+
+    def get(self, tenant_id: str, name: str) -> functions_pb2.Function | None:
+        return self._cache.get(tenant_id, name)
+
+    def fresh(self, tenant_id: str, name: str) -> functions_pb2.Function | None:
+        """Read now, not from the cache (which it refreshes)."""
+        self._cache.forget(tenant_id, name)
+        return self._cache.get(tenant_id, name)
 
 
 @dataclass
-class Executor:
-    executor_id: str
-    address: str
-    capacity: int
-    in_flight: int
-    draining: bool
-    seen: float  # monotonic time of the last report
+class _Pending:
+    """A record's task waiting its turn in its partition's queue."""
 
-    @property
-    def free(self) -> int:
-        return self.capacity - self.in_flight
+    message: records_pb2.TaskMessage
+    ack: RecordAck
+    read: Future | None = None  # the task's stored state, when it is needed
 
 
-class ExecutorDirectory:
-    """The executors' reported load, adjusted locally between reports.
+class Intake:
+    """Hands consumed records to the owner, in offset order per partition."""
 
-    `choose` picks the executor with the most free slots (ties at random), so work goes where
-    there is capacity, not round-robin; an executor silent for ``stale_after`` is skipped.
-    """
-
-    def __init__(self, *, stale_after: float = 3.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._executors: dict[str, Executor] = {}
-        self._stale_after = stale_after
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._reported = threading.Condition(self._lock)
-
-    def report(self, *, executor_id: str, address: str, capacity: int, in_flight: int,
-               draining: bool) -> None:
-        with self._lock:
-            self._executors[executor_id] = Executor(executor_id, address, capacity, in_flight,
-                                                    draining, self._clock())
-            self._reported.notify_all()
-
-    def choose(self, exclude: set[str] = frozenset(), *, wait_seconds: float = 0.0
-               ) -> Executor | None:
-        """The executor with the most free slots, waiting up to ``wait_seconds`` for a report
-        that frees one."""
-        with self._lock:
-            ready = self._ready(exclude)
-            if not ready and wait_seconds > 0:
-                self._reported.wait(wait_seconds)
-                ready = self._ready(exclude)
-            if not ready:
-                return None
-            most = max(e.free for e in ready)
-            chosen = random.choice([e for e in ready if e.free == most])
-            chosen.in_flight += 1  # until its next report says otherwise
-            return chosen
-
-    def _ready(self, exclude: set[str]) -> list[Executor]:
-        now = self._clock()
-        return [e for e in self._executors.values()
-                if e.free > 0 and not e.draining and now - e.seen <= self._stale_after
-                and e.executor_id not in exclude]
-
-    def release(self, executor_id: str) -> None:
-        """Gives back a slot `choose` reserved but did not use."""
-        with self._lock:
-            executor = self._executors.get(executor_id)
-            if executor and executor.in_flight > 0:
-                executor.in_flight -= 1
-
-    def full(self, executor_id: str) -> None:
-        """An executor refused work: treat it as full until it reports again."""
-        with self._lock:
-            executor = self._executors.get(executor_id)
-            if executor:
-                executor.in_flight = executor.capacity
-
-
-class Dispatcher:
-    """Consumes task topics, leases each task and pushes it to an executor.
-
-    A message is acknowledged (its offset may be committed) once its task is leased and
-    handed to an executor, found not leasable (a duplicate of a task already leased or
-    finished), expired, or parked because its function is paused. Long tasks therefore never
-    hold offsets back; their lease does the guarding.
-    """
-
-    def __init__(self, *, dispatcher_id: str, lifecycle: Lifecycle, functions: FunctionStore,
-                 parked: ParkedStore, consumer: Consumer, directory: ExecutorDirectory,
-                 lease: timedelta, concurrency: int = 32,
-                 stub_for: Callable[[str], executor_manager_pb2_grpc.ExecutorServiceStub]
-                 ) -> None:
-        self._id = dispatcher_id
-        self._lifecycle = lifecycle
-        self._tasks = lifecycle.tasks
+    def __init__(self, *, owner: Owner, tasks: TaskStateStore, functions: Functions) -> None:
+        self._owner = owner
+        self._tasks = tasks
         self._functions = functions
-        # A pause takes effect within this cache's TTL (see `_parked_if_paused`).
-        self._function_states = TtlCache(self._function_state, ttl=1.0)
-        self._parked = parked
-        self._directory = directory
-        self._lease = lease
-        self._stub_for = stub_for
-        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dispatch")
-        self._slots = threading.Semaphore(concurrency * 4)  # messages in hand at most
-        self._loop = ConsumerLoop(consumer, self._submit, name="dispatcher")
+        self._queues: dict[PartitionId, deque[_Pending]] = {}
+        self._lock = threading.Lock()
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
 
-    def start(self) -> Dispatcher:
-        self._loop.start()
+    def offer(self, message: Message) -> None:
+        """One Kafka record (a batch of tasks or control records) of an owned partition."""
+        batch = records_pb2.TaskMessageBatch.FromString(message.value)
+        partition = (message.topic, message.partition)
+        if not self._owner.ready(partition):
+            # Fetched in the poll that assigned the partition, before it was paused for its
+            # adoption: rewound, it comes again once the partition is adopted.
+            message.nack()
+            return
+        if not batch.tasks:
+            message.ack()
+            return
+        ack = RecordAck(message.ack, len(batch.tasks), message.nack)
+        replaying = self._owner.replaying(partition, message.offset)
+        items = []
+        for task in batch.tasks:
+            key = TaskKey(task.tenant_id, task.task_id)
+            needs_state = replaying or task.check_state or bool(task.kind)
+            if task.kind == Kind.MESSAGE_KIND_CANCEL and self._owner.holds(key):
+                needs_state = False
+            read = resolve(self._tasks.read_async(key)) if needs_state else None
+            self._functions.get(task.tenant_id, task.function)  # warm, outside the lock
+            items.append(_Pending(task, ack, read))
+        with self._lock:
+            self._queues.setdefault(partition, deque()).extend(items)
+        # Every take happens on the one intake thread, so a partition's records stay in order.
+        for item in items:
+            if item.read is not None:
+                item.read.add_done_callback(lambda _f, p=partition: self._reads.submit(
+                    self.drain, p))
+        self._reads.submit(self.drain, partition)
+
+    def drain(self, partition: PartitionId) -> None:
+        """Takes the partition's records from the head while their reads are done."""
+        while True:
+            with self._lock:
+                queue = self._queues.get(partition)
+                if not queue or (queue[0].read is not None and not queue[0].read.done()):
+                    return
+                item = queue.popleft()
+            task = item.message
+            function = self._functions.get(task.tenant_id, task.function)
+            if item.read is None:
+                taken = self._owner.take(partition, task, function, item.ack)
+            else:
+                try:
+                    stored = TaskStateStore.stored_of(item.read.result())
+                except Exception:
+                    log.exception("could not read a task's state; its record comes again",
+                                  extra={"task_id": task.task_id})
+                    item.ack.nack()
+                    self.forget(partition)
+                    return
+                taken = self._owner.take(partition, task, function, item.ack, stored,
+                                         checked=True)
+            if not taken:  # the partition is no longer ours: its next owner replays it
+                item.ack.nack()
+                self.forget(partition)
+                return
+
+    def forget(self, partition: PartitionId) -> None:
+        with self._lock:
+            self._queues.pop(partition, None)
+
+
+class Adoption:
+    """What happens when the group assigns a partition: epoch, adoption, timers, go."""
+
+    def __init__(self, *, owner: Owner, owners: PartitionOwners, index: PartitionIndex,
+                 tasks: TaskStateStore, functions: Functions, timers: TimerWheel,
+                 owner_name: str, lease: timedelta,
+                 resume: Callable[[set[TopicPartition]], None]) -> None:
+        self._owner = owner
+        self._owners = owners
+        self._index = index
+        self._tasks = tasks
+        self._functions = functions
+        self._timers = timers
+        self._name = owner_name
+        self._lease = lease
+        self._resume = resume
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="adoption")
+        # A partition can be assigned, revoked and assigned again while an adoption runs:
+        # only the latest assignment's adoption may finish, one at a time per partition.
+        self._generations: dict[PartitionId, int] = {}
+        self._locks: dict[PartitionId, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def start(self, tp: TopicPartition, replay_below: int) -> None:
+        generation = self._bump((tp.topic, tp.partition))
+        self._pool.submit(self._adopt, tp, replay_below, generation)
+
+    def cancel(self, tp: TopicPartition) -> None:
+        """The partition was revoked: an adoption of it still running stops."""
+        self._bump((tp.topic, tp.partition))
+
+    def _bump(self, partition: PartitionId) -> int:
+        with self._guard:
+            self._generations[partition] = self._generations.get(partition, 0) + 1
+            self._locks.setdefault(partition, threading.Lock())
+            return self._generations[partition]
+
+    def _current(self, partition: PartitionId, generation: int) -> bool:
+        with self._guard:
+            return self._generations.get(partition) == generation
+
+    def _adopt(self, tp: TopicPartition, replay_below: int, generation: int) -> None:
+        partition = (tp.topic, tp.partition)
+        with self._locks[partition]:
+            if self._current(partition, generation):
+                self._adopt_now(tp, replay_below, generation)
+
+    def _adopt_now(self, tp: TopicPartition, replay_below: int, generation: int) -> None:
+        partition = (tp.topic, tp.partition)
+        for attempt in itertools.count(1):
+            if not self._current(partition, generation):
+                return  # revoked, or assigned again: that assignment adopts it
+            try:
+                previous = self._owners.current(tp.topic, tp.partition)
+                ownership = self._owners.acquire(tp.topic, tp.partition, self._name)
+                self._owner.own(ownership, replay_below=replay_below)
+                found = self._inflight(partition, previous)
+                self._owner.adopt(partition, found, self._functions.get)
+                self._timers.load(ownership, previous)
+                if not self._current(partition, generation):
+                    self._owner.disown(partition)
+                    return
+                self._owner.adopted(partition)
+                log.info("partition adopted", extra={
+                    "partition": f"{tp.topic}/{tp.partition}", "epoch": ownership.epoch,
+                    "adopted_attempts": len(found), "replay_below": replay_below})
+                self._resume({tp})
+                return
+            except Exception:
+                log.exception("could not adopt a partition; trying again",
+                              extra={"partition": f"{tp.topic}/{tp.partition}"})
+                self._owner.disown(partition)
+                time.sleep(min(0.2 * attempt, 5.0))
+
+    def _inflight(self, partition: PartitionId,
+                  previous: tuple[int, int] | None) -> list[StoredTask]:
+        """The attempts the previous owners left out at executors (by their lease minute)."""
+        now = now_utc()
+        if previous is None:
+            return []
+        range_start, range_end = previous
+        start = datetime.fromtimestamp(range_end / 1e6, UTC) - timedelta(seconds=30) - MINUTE
+        end = max(now, datetime.fromtimestamp(range_end / 1e6, UTC)) + self._lease + MINUTE
+        keys = set()
+        minute = minute_of(min(start, now))
+        while minute <= end:
+            for entry in self._index.inflight(partition[0], partition[1], minute):
+                keys.add(TaskKey(entry.tenant_id, entry.task_id))
+            minute += MINUTE
+        return [s for s in self._tasks.get_many(sorted(keys, key=lambda k: k.task_id),
+                                                history=True) if s is not None]
+
+
+class TimerWheel:
+    """Fires the owned partitions' timers at their due time.
+
+    Each partition's timers are read from `partition_timers` a minute ahead (and, at
+    assignment, from the minute its last owner had not finished); timers this owner writes
+    for the near future join in memory as soon as they are durable.
+    """
+
+    def __init__(self, *, owner: Owner, index: PartitionIndex, tasks: TaskStateStore,
+                 owners: PartitionOwners, functions: Functions) -> None:
+        self._owner = owner
+        self._index = index
+        self._tasks = tasks
+        self._owners = owners
+        self._functions = functions
+        self._heap: list[tuple[datetime, int, PartitionId, Timer]] = []
+        self._known: set[tuple[PartitionId, Timer]] = set()
+        self._loaded: dict[PartitionId, datetime] = {}  # minutes read up to (inclusive)
+        self._cursor: dict[PartitionId, datetime] = {}  # first minute not all fired
+        self._seq = itertools.count()
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="timers", daemon=True)
+        self._fire_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="timer-fire")
+
+    def start(self) -> TimerWheel:
+        self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._loop.stop(before_close=lambda: self._pool.shutdown(wait=True))
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        self._thread.join(5)
 
-    def _submit(self, message: Message) -> None:
-        self._slots.acquire()
-        self._pool.submit(self._handle_and_release, message)
+    def load(self, ownership: Ownership, previous: tuple[int, int] | None) -> None:
+        """Starts firing a partition's timers: from its cursor, and from the minute its last
+        owner may have stopped firing (its range's end, less a range) whatever the cursor
+        says; never past the current minute, or timers due now would be skipped."""
+        partition = (ownership.topic, ownership.partition)
+        now = minute_of(now_utc())
+        first = ownership.timer_minute or now
+        if previous is not None:
+            stopped = datetime.fromtimestamp(previous[1] / 1e6, UTC) - RANGE - TIMER_MARGIN
+            first = min(first, minute_of(stopped))
+        first = min(first, now)
+        with self._lock:
+            self._cursor[partition] = first
+            self._loaded.pop(partition, None)
+        self._read_ahead(partition)
 
-    def _handle_and_release(self, message: Message) -> None:
-        try:
-            self.handle(message)
-        except Exception:
-            log.exception("dispatch failed; the message will be delivered again")
-            message.nack()
-        finally:
-            self._slots.release()
+    def add(self, partition: PartitionId, timers: Iterable[Timer]) -> None:
+        """Timers this owner wrote: those due before what was read ahead join in memory."""
+        with self._lock:
+            horizon = self._loaded.get(partition)
+            for timer in timers:
+                if horizon is not None and minute_of(timer.due_time) <= horizon:
+                    self._push(partition, timer)
+            self._lock.notify_all()
 
-    def handle(self, message: Message) -> None:
-        """Waits for an executor with a free slot, then leases the task and pushes it.
-
-        The lease is taken only once a slot is in sight, so a backlog waiting for capacity
-        holds no leases (which would expire and be swept while the tasks still wait).
-        """
-        task = records_pb2.TaskMessage.FromString(message.value)
-        if task.HasField("expire_time") and task.expire_time.ToDatetime(tzinfo=UTC) <= now_utc():
-            self._lifecycle.end(self._tasks.get(task.tenant_id, task.task_id),
-                                state=State.TASK_STATE_EXPIRED,
-                                detail="its expire_time passed while it was queued")
-            message.ack()
+    def _push(self, partition: PartitionId, timer: Timer) -> None:
+        if (partition, timer) in self._known:
             return
-        if self._parked_if_paused(task):
-            message.ack()
+        self._known.add((partition, timer))
+        heapq.heappush(self._heap, (timer.due_time, next(self._seq), partition, timer))
+
+    def _read_ahead(self, partition: PartitionId) -> None:
+        """Reads the partition's minutes up to the next one."""
+        horizon = minute_of(now_utc()) + MINUTE
+        with self._lock:
+            start = self._loaded.get(partition)
+            start = start + MINUTE if start else self._cursor.get(partition)
+        if start is None:
             return
-        lease_id, request = None, None
-        refused: set[str] = set()
-        while not self._loop.stopping:
-            executor = self._directory.choose(exclude=refused, wait_seconds=0.5)
-            if executor is None:
-                refused.clear()  # none free: after the next reports, every executor again
-                continue
-            if lease_id is None:
-                lease_id, expire = uuid.uuid4(), now_utc() + self._lease
-                if not self._tasks.lease(task.tenant_id, task.task_id, lease_id=lease_id,
-                                         expire_time=expire, attempt_number=task.attempt_number,
-                                         executor_address=executor.address):
-                    self._directory.release(executor.executor_id)
-                    message.ack()  # already leased, finished or gone: this copy is a duplicate
-                    return
-                request = executor_manager_pb2.DispatchRequest(
-                    task=task, lease_id=str(lease_id), lease_expire_time=timestamp_of(expire),
-                    dispatcher_id=self._id)
-            try:
-                self._stub_for(executor.address).Dispatch(request, timeout=5)
-                message.ack()
+        minute = start
+        found: list[Timer] = []
+        while minute <= horizon:
+            found += self._index.timers(partition[0], partition[1], minute)
+            minute += MINUTE
+        with self._lock:
+            if partition not in self._cursor:
                 return
-            except grpc.RpcError as error:
-                self._directory.full(executor.executor_id)
-                refused.add(executor.executor_id)
-                if error.code() not in (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        grpc.StatusCode.UNAVAILABLE,
-                                        grpc.StatusCode.DEADLINE_EXCEEDED):
-                    log.warning("executor refused a task", extra={
-                        "executor": executor.executor_id, "code": error.code().name})
-        # Stopping: a leased task is re-queued by the lease sweeper, an unleased one is
-        # delivered again to whoever owns the partition next.
-        message.nack()
+            for timer in found:
+                self._push(partition, timer)
+            self._loaded[partition] = horizon
+            self._lock.notify_all()
 
-    def _function_state(self, tenant_id: str, function: str) -> int:
-        found = self._functions.get(tenant_id, function)
-        return found.state if found else functions_pb2.FunctionState.FUNCTION_STATE_UNSPECIFIED
+    def _run(self) -> None:
+        next_read = 0.0
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                owned = set(self._owner.owned())
+                for partition in list(self._cursor):
+                    if partition not in owned and partition not in {
+                            (o.topic, o.partition) for o in self._owner.ownerships()}:
+                        self._drop(partition)
+                due: list[tuple[PartitionId, Timer]] = []
+                now = now_utc()
+                while self._heap and self._heap[0][0] <= now:
+                    _, _, partition, timer = heapq.heappop(self._heap)
+                    if partition in self._cursor:
+                        due.append((partition, timer))
+                wait = (self._heap[0][0] - now).total_seconds() if self._heap else 1.0
+            for partition, timer in due:
+                self._fire_pool.submit(self._fire, partition, timer)
+            if time.monotonic() >= next_read:
+                next_read = time.monotonic() + 5.0
+                for partition in list(self._cursor):
+                    try:
+                        self._read_ahead(partition)
+                        self._advance(partition)
+                    except Exception:
+                        log.exception("could not read timers", extra={"partition": partition})
+            with self._lock:
+                if not self._stopping:
+                    self._lock.wait(max(0.0, min(wait, 1.0)))
 
-    def _parked_if_paused(self, task: records_pb2.TaskMessage) -> bool:
-        """Holds the task of a paused function out of the queue (in Cassandra) until resumed.
+    def _fire(self, partition: PartitionId, timer: Timer) -> None:
+        try:
+            stored = self._tasks.get([TaskKey(timer.tenant_id, timer.task_id)][0])
+            function = self._functions.get(timer.tenant_id, stored.spec.task.function) \
+                if stored else None
+            self._owner.fire(partition, timer, stored, function)
+        except Exception:
+            log.exception("a timer could not fire; it is tried again",
+                          extra={"task_id": timer.task_id})
+            with self._lock:
+                heapq.heappush(self._heap, (now_utc() + timedelta(seconds=1), next(self._seq),
+                                            partition, timer))
+            return
+        with self._lock:
+            self._known.discard((partition, timer))
 
-        The park is written before the function's state is read afresh, and ResumeFunction
-        writes the state before it reads the parked tasks: so either that read sees this
-        park, or this read sees the resume and the task is dispatched here. None is stranded.
-        """
-        if self._function_states.get(task.tenant_id, task.function) not in HELD:
-            return False
-        self._parked.park(task)
-        if self._function_state(task.tenant_id, task.function) in HELD:
-            return True
-        self._parked.unpark(task)
-        return False
+    def _advance(self, partition: PartitionId) -> None:
+        """Moves the partition's cursor past minutes whose timers all fired."""
+        with self._lock:
+            cursor = self._cursor.get(partition)
+            if cursor is None:
+                return
+            pending = [t.due_time for p, t in self._known if p == partition]
+            limit = minute_of(now_utc() - TIMER_MARGIN)
+            target = min([minute_of(d) for d in pending] + [limit])
+        if target <= cursor:
+            return
+        stamp = self._owner.stamp(partition)
+        ownership = next((o for o in self._owner.ownerships()
+                          if (o.topic, o.partition) == partition), None)
+        if stamp is None or ownership is None:
+            return
+        self._owners.advance_timers(ownership, target, stamp)
+        with self._lock:
+            if partition in self._cursor:
+                self._cursor[partition] = target
+
+    def _drop(self, partition: PartitionId) -> None:
+        self._cursor.pop(partition, None)
+        self._loaded.pop(partition, None)
+        self._known = {(p, t) for p, t in self._known if p != partition}
 
 
-class LeaseSweeper:
-    """Ends the attempts whose lease expired (their executor died or stopped renewing) as
-    retryable failures: the task is retried by its policy, like after any crash."""
+@dataclass
+class Publisher:
+    """Puts flushed outcomes on the results topic, one record per flush; queues parked tasks
+    again when their function turned out active after all."""
 
-    def __init__(self, *, lifecycle: Lifecycle, functions: FunctionStore) -> None:
-        self._lifecycle = lifecycle
-        self._tasks = lifecycle.tasks
-        self._functions = TtlCache(functions.get, ttl=5.0)
+    producer: Producer
+    topic: str
+    partitions: int
+    _turn: itertools.count = field(default_factory=itertools.count)
 
-    def sweep(self) -> int:
-        """Buckets are swept independently: trouble with one does not hold up the others."""
-        ended = 0
-        now = now_utc()
-        for bucket in range(BUCKETS):
+    def requeue(self, messages: list[tuple[PartitionId, records_pb2.TaskMessage]]) -> None:
+        """Produces messages again on their partitions, asking their owner to check the
+        stored state first (another copy may have been released by a resume too)."""
+        routed = []
+        for (topic, partition), message in messages:
+            again = records_pb2.TaskMessage()
+            again.CopyFrom(message)
+            again.check_state = True
+            routed.append((topic, partition, again))
+        self.producer.send_all(records_by_partition(routed))
+
+    def publish(self, outcomes: list[records_pb2.AttemptOutcome]) -> None:
+        if not outcomes:
+            return
+        record = Record(self.topic, records_pb2.AttemptOutcomeBatch(
+            outcomes=outcomes).SerializeToString(), partition=next(self._turn) % self.partitions)
+        for attempt in range(1, 6):
             try:
-                ended += self._sweep_bucket(bucket, now=now)
+                self.producer.send_all([record])
+                return
             except Exception:
-                log.exception("could not sweep a lease bucket; trying again next round",
-                              extra={"bucket": bucket})
-        return ended
+                log.warning("could not publish outcomes; trying again", exc_info=attempt == 1)
+                time.sleep(0.2 * attempt)
+        log.error("outcomes not published (their state is stored)",
+                  extra={"outcomes": len(outcomes)})
 
-    def _sweep_bucket(self, bucket: int, *, now: datetime) -> int:
-        ended = 0
-        for key, lease_id in self._tasks.expired_leases(bucket, now=now):
-            stored = self._tasks.get(key.tenant_id, key.task_id)
-            if stored is None or stored.lease_id != lease_id:
-                self._tasks.forget_lease(key, lease_id)  # a lease the task does not hold
+
+class Flusher:
+    """Writes the owner's changes in batches, every few milliseconds."""
+
+    def __init__(self, *, owner: Owner, tasks: TaskStateStore, index: PartitionIndex,
+                 owners: PartitionOwners, dead_letters: DeadLetterStore, parked: ParkedStore,
+                 timers: TimerWheel, publisher: Publisher, functions: Functions) -> None:
+        self._owner = owner
+        self._functions = functions
+        self._tasks = tasks
+        self._index = index
+        self._owners = owners
+        self._dead_letters = dead_letters
+        self._parked = parked
+        self._timers = timers
+        self._publisher = publisher
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._verified_at = 0.0
+        self._thread = threading.Thread(target=self._run, name="flusher", daemon=True)
+        self._publishing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
+        owner.on_dirty(self._wake.set)
+
+    def start(self) -> Flusher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Flushes what is pending, then stops."""
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(10)
+        self._publishing.shutdown(wait=True)
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(0.05)
+            stopping = self._stopping.is_set()
+            time.sleep(FLUSH_SECONDS)
+            self._wake.clear()
+            self._owner.tick()
+            try:
+                self._renew()
+                self._verify()
+                self.flush_once()
+            except Exception:
+                log.exception("a flush failed; trying again")
+                time.sleep(0.2)
                 continue
-            record = stored.record
-            attempt = tasks_pb2.Attempt(
-                attempt_number=len(record.task.attempts) + 1,
-                exit_reason=tasks_pb2.ExitReason.EXIT_REASON_LEASE_LOST,
-                error_class=common_pb2.ErrorClass.ERROR_CLASS_RETRYABLE,
-                status=status_pb2.Status(code=code_pb2.UNAVAILABLE, message=(
-                    "lease expired: the executor stopped renewing it")),
-                end_time=timestamp_of(now))
-            function = self._functions.get(key.tenant_id, record.task.function)
-            policy = RetryPolicy.of(function.retry_config if function
-                                    else common_pb2.RetryConfig(), record.task.retry_config)
-            if self._lifecycle.end_attempt(record, attempt, lease_id=lease_id,
-                                           policy=policy) is not None:
-                ended += 1
-                log.info("ended an attempt whose lease expired", extra={
-                    "tenant": key.tenant_id, "task_id": key.task_id})
-        return ended
+            if stopping:
+                return
+
+    def _renew(self) -> None:
+        for ownership in self._owner.needs_renewal():
+            try:
+                self._owner.renewed(self._owners.renew(ownership))
+            except OwnershipLost:
+                log.warning("partition taken over", extra={
+                    "partition": f"{ownership.topic}/{ownership.partition}"})
+                self._owner.disown((ownership.topic, ownership.partition))
+
+    def _verify(self, force: bool = False) -> None:
+        """Re-reads our epochs (a zombie that was paused must learn it lost them before it
+        writes); at most every VERIFY_SECONDS of the monotonic clock."""
+        if not force and time.monotonic() - self._verified_at < VERIFY_SECONDS:
+            return
+        mine = self._owner.ownerships()
+        for topic in {o.topic for o in mine}:
+            epochs = self._owners.epochs(topic)
+            for ownership in mine:
+                if ownership.topic == topic and epochs.get(ownership.partition) != \
+                        ownership.epoch:
+                    log.warning("partition taken over", extra={
+                        "partition": f"{topic}/{ownership.partition}"})
+                    self._owner.disown((topic, ownership.partition))
+        self._verified_at = time.monotonic()
+
+    def flush_once(self) -> bool:
+        """One batch: written (retried until it is), then confirmed. True if any."""
+        batch = self._owner.collect()
+        if not batch.held:
+            return False
+        delay = 0.05
+        while True:
+            try:
+                self._write(batch)
+                break
+            except Exception:
+                log.warning("writing a flush failed; trying it again", exc_info=True)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                self._verify(force=True)
+        self._owner.flushed(batch)
+        for partition, timers in batch.timers.items():
+            self._timers.add(partition, timers)
+        if batch.parked:  # after `flushed`: a task queued again must find none held
+            self._unpark_if_resumed(batch.parked)
+        self._publishing.submit(self._publisher.publish, batch.outcomes)
+        return True
+
+    def _write(self, batch: FlushBatch) -> None:
+        futures = [self._tasks.write(w) for w in batch.writes]
+        for (topic, partition, minute), entries in batch.inflight.items():
+            futures.append(self._index.add_inflight(
+                topic, partition, minute, entries, batch.inflight_stamps[(topic, partition,
+                                                                          minute)]))
+        for (topic, partition), timers in batch.timers.items():
+            futures += self._index.add_timers(topic, partition, timers,
+                                              batch.timer_stamps[(topic, partition)])
+        for _, message in batch.parked:
+            self._parked.park(message)
+        for stored in batch.dead_letters:
+            self._dead_letters.put(stored, when=now_utc())
+        for future in futures:
+            future.result()
+
+    def _unpark_if_resumed(self, parked: list[tuple[PartitionId, records_pb2.TaskMessage]]
+                           ) -> None:
+        """Parks are written before the function is read afresh, and ResumeFunction writes
+        ACTIVE before it reads the parks: so either the resume sees a park, or this read
+        sees the resume and the task is queued again here. None is stranded."""
+        active = []
+        for partition, message in parked:
+            function = self._functions.fresh(message.tenant_id, message.function)
+            if function is not None and function.state not in HELD:
+                active.append((partition, message))
+        if active:
+            self._publisher.requeue(active)
+            for _, message in active:
+                self._parked.unpark(message)
+
+
+class PartitionConsumer:
+    """The consumer group side: assignment and revocation, pausing what is not adopted yet
+    or while the ready queue is full, all on the consumer's own thread."""
+
+    def __init__(self, *, owner: Owner, intake: Intake) -> None:
+        self._owner = owner
+        self._intake = intake
+        self._adoption: Adoption | None = None
+        self._consumer: Consumer | None = None
+        self._commands: deque[Callable[[], None]] = deque()
+        self._paused_for_backlog = False
+
+    def bind(self, consumer: Consumer, adoption: Adoption) -> None:
+        self._consumer = consumer
+        self._adoption = adoption
+
+    def assigned(self, partitions: set[TopicPartition]) -> None:
+        """On kafka-python's IO thread: only queue work for the consumer thread."""
+        self._commands.append(lambda: self._take_over(partitions))
+
+    def revoked(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            if self._adoption is not None:
+                self._adoption.cancel(tp)
+            self._owner.disown((tp.topic, tp.partition))
+            self._intake.forget((tp.topic, tp.partition))
+
+    def resume(self, partitions: set[TopicPartition]) -> None:
+        self._commands.append(lambda: self._consumer.resume(partitions)
+                              if self._consumer else None)
+
+    def between(self) -> None:
+        """Runs on the consumer thread before each poll."""
+        while self._commands:
+            self._commands.popleft()()
+        assert self._consumer is not None
+        full = self._owner.ready_count() >= READY_LIMIT
+        if full != self._paused_for_backlog:
+            owned = {TopicPartition(t, p) for t, p in self._owner.owned()}
+            (self._consumer.pause if full else self._consumer.resume)(owned)
+            self._paused_for_backlog = full
+
+    def _take_over(self, partitions: set[TopicPartition]) -> None:
+        assert self._consumer is not None and self._adoption is not None
+        self._consumer.pause(partitions)
+        ends = self._consumer.end_offsets(partitions)
+        for tp in partitions:
+            self._adoption.start(tp, ends.get(tp, 0))

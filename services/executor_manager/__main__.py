@@ -5,54 +5,34 @@ from datetime import timedelta
 from pathlib import Path
 
 from libs import service, tls
-from libs.cassandra.functions import FunctionStore
-from libs.cassandra.session import close, connect
 from libs.config import WeirConfig
-from libs.kafka.client import Producer
-from libs.lifecycle import Lifecycle
-from libs.periodic import Periodic
 from services.executor_manager.engine import Executor
 from services.executor_manager.pool import WorkerPool, WorkerSandbox
-from services.executor_manager.reporter import LoadReporter
 from services.executor_manager.server import create_server
 
 
 def start(config: WeirConfig) -> service.Started:
     credentials = tls.Credentials.of(config, "executor-manager")
-    session = connect(config)
-    producer = Producer(bootstrap=config.kafka_bootstrap, client_id="executor-manager")
-    pool = WorkerPool(size=config.worker_processes,
-                      socket_dir=Path(tempfile.mkdtemp(prefix="weir-workers-")),
-                      sandbox=WorkerSandbox.of(config))
-    pool.start()
     lease = timedelta(seconds=config.lease_seconds)
-    reporter_box: list[LoadReporter] = []
-    lifecycle = Lifecycle.of_service(session, producer, service="executor-manager",
-                                     topic_prefix=config.topic_prefix)
-    executor = Executor(executor_id="", lifecycle=lifecycle, functions=FunctionStore(session),
-                        pool=pool, lease=lease,
-                        on_load_change=lambda: reporter_box and reporter_box[0].changed())
+    executor_box: list[Executor] = []
+    pool = WorkerPool(size=config.worker_processes, slots=config.worker_slots,
+                      socket_dir=Path(tempfile.mkdtemp(prefix="weir-workers-")),
+                      sandbox=WorkerSandbox.of(config),
+                      on_start=lambda attempt_id, at: executor_box[0].started(attempt_id, at),
+                      on_done=lambda results: executor_box[0].done(results))
+    executor = Executor(executor_id="", pool=pool, lease=lease)
+    executor_box.append(executor)
+    pool.start()
     server = create_server(config, executor=executor)
-    address = f"{config.advertise_host}:{server.port}"
-    executor.executor_id = config.executor_id or address
-    reporter = LoadReporter(executor_id=executor.executor_id, address=address,
-                            dispatchers=[a.strip() for a in config.dispatcher_addresses.split(",")
-                                         if a.strip()], load=executor.load,
-                            channel_for=lambda a: credentials.channel(a, "dispatcher")).start()
-    reporter_box.append(reporter)
-    renewer = Periodic("lease-renewer", config.lease_seconds / 3, executor.renew_leases).start()
+    executor.executor_id = config.executor_id or f"{config.advertise_host}:{server.port}"
+    executor.connect([a.strip() for a in config.dispatcher_addresses.split(",") if a.strip()],
+                     lambda address: credentials.channel(address, "dispatcher"))
 
     def drain() -> None:
-        executor.drain(config.shutdown_grace_seconds)
-        renewer.stop()
-        reporter.stop()
+        executor.drain(timedelta(seconds=config.shutdown_grace_seconds))
+        executor.stop()
 
-    def shutdown() -> None:
-        pool.close()
-        producer.close()
-        close(session)
-
-    return service.Started(server=server, drain=drain, close=shutdown)
+    return service.Started(server=server, drain=drain, close=pool.close)
 
 
 if __name__ == "__main__":

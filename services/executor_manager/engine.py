@@ -1,265 +1,352 @@
-"""Running pushed tasks: one attempt per worker process, fenced by the dispatcher's lease."""
+"""The executor: takes work from every dispatcher by credit and runs it in its worker pool.
+
+One Work stream per dispatcher (`DispatcherLink`). The executor grants each stream credits
+for its free slots, receives assignments in batches, submits them to the pool, and reports
+starts and outcomes in batches — to the dispatcher that owns the task's partition now
+(dispatchers announce the partitions they own; a report sent to one that lost the partition
+comes back `moved` and waits for the new owner). An end report is kept until its owner says
+it is stored (`durable`) and sent again otherwise, so an outcome outlives an owner's crash or
+takeover. It renews the leases of what runs every third of a lease, and stops an attempt its
+owner calls `stale` (the task moved on) or asks to `cancel`.
+"""
 
 from __future__ import annotations
 
+import itertools
 import logging
+import queue
 import threading
-import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import grpc
-from google.rpc import code_pb2, status_pb2
+from google.protobuf.duration_pb2 import Duration
+from weir.internal.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from weir.internal.executor_manager.v1 import executor_manager_pb2
-from weir.storage.v1 import records_pb2
-from weir.v1 import common_pb2, functions_pb2, tasks_pb2, worker_pb2
 
-from libs.cache import TtlCache
-from libs.cassandra.functions import FunctionStore
-from libs.cassandra.tasks import now_utc, timestamp_of
-from libs.errors import ResourceExhausted
-from libs.lifecycle import Lifecycle
-from libs.retry import RetryPolicy
-from services.executor_manager.pool import WorkerPool, WorkerProcess
+from libs.cassandra.taskstate import timestamp_of
+from services.executor_manager.pool import AttemptResult, AttemptSpec, PoolClosed, WorkerPool
 
 log = logging.getLogger(__name__)
 
-State = tasks_pb2.TaskState
-Exit = tasks_pb2.ExitReason
-ErrorClass = common_pb2.ErrorClass
-DEFAULT_TIMEOUT = timedelta(seconds=60)
+SEND_SECONDS = 0.002  # reports and credits wait at most this long to travel together
+RESEND_SECONDS = 2.0  # an end report not confirmed stored by then is sent again
+PartitionId = tuple[str, int]
 
 
 @dataclass
 class Running:
-    tenant_id: str
-    task_id: str
-    lease_id: uuid.UUID
-    worker: WorkerProcess
-    function: str
-    dispatch_time: datetime  # when the dispatcher handed it over
-    cancelled: bool = False
+    """An attempt this executor holds, and where its reports go."""
+
+    attempt_id: str
+    partition: PartitionId
+    link: DispatcherLink  # the stream it came from
 
 
 @dataclass
-class Outcome:
-    """What one attempt produced, before it is recorded."""
+class DispatcherLink:
+    """One Work stream to one dispatcher, reconnected when it breaks."""
 
-    result: bytes = b""
-    status: status_pb2.Status | None = None
-    error_class: int = ErrorClass.ERROR_CLASS_UNSPECIFIED
-    exit_reason: int = Exit.EXIT_REASON_RETURNED
-    retry_delay: object | None = None
+    address: str
+    stub: dispatcher_pb2_grpc.DispatcherServiceStub
+    executor_id: str
+    on_response: Callable[[DispatcherLink, dispatcher_pb2.WorkResponse], None]
+    on_connect: Callable[[DispatcherLink], None]
+    connected: bool = False
+    disconnected_at: float = field(default_factory=time.monotonic)
+    outstanding: int = 0  # credits granted and not yet used
+    owned: set[PartitionId] = field(default_factory=set)
+    _outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
-    @property
-    def succeeded(self) -> bool:
-        return self.status is None or self.status.code == code_pb2.OK
+    def start(self) -> DispatcherLink:
+        threading.Thread(target=self._run, name=f"link-{self.address}", daemon=True).start()
+        return self
+
+    def send(self, request: dispatcher_pb2.WorkRequest) -> None:
+        self._outbox.put(request)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._outbox.put(None)
+
+    def _requests(self) -> Iterator[dispatcher_pb2.WorkRequest]:
+        yield dispatcher_pb2.WorkRequest(executor_id=self.executor_id)
+        while True:
+            request = self._outbox.get()
+            if request is None:
+                return
+            yield request
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            self._outbox = queue.SimpleQueue()
+            self.outstanding = 0
+            try:
+                # Waits for a dispatcher that is starting instead of failing at once.
+                responses = self.stub.Work(self._requests(), wait_for_ready=True)
+                first = True
+                for response in responses:
+                    if first:
+                        first, failures = False, 0
+                        self.connected = True
+                        log.info("work stream open", extra={"dispatcher": self.address})
+                        self.on_connect(self)
+                    self.on_response(self, response)
+            except grpc.RpcError as error:
+                failures += 1
+                if failures == 1 or failures % 50 == 0:
+                    log.warning("work stream broke; reconnecting", extra={
+                        "dispatcher": self.address, "code": error.code().name})
+            except Exception:
+                failures += 1
+                log.exception("work stream failed; reconnecting",
+                              extra={"dispatcher": self.address})
+            if self.connected:
+                self.connected = False
+                self.disconnected_at = time.monotonic()
+                self.owned = set()
+            self._stopping.wait(min(0.1 * failures, 2.0))
 
 
 class Executor:
-    """Takes dispatched tasks while it has an idle worker; records and publishes outcomes."""
+    """Runs what the dispatchers hand out, within its pool's capacity."""
 
-    def __init__(self, *, executor_id: str, lifecycle: Lifecycle, functions: FunctionStore,
-                 pool: WorkerPool, lease: timedelta,
-                 on_load_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, *, executor_id: str, pool: WorkerPool, lease: timedelta) -> None:
         self.executor_id = executor_id
-        self._lifecycle = lifecycle
-        self._tasks = lifecycle.tasks
-        self._functions = TtlCache(functions.get, ttl=5.0)
         self._pool = pool
         self._lease = lease
-        self._on_load_change = on_load_change
-        self._running: dict[tuple[str, str], Running] = {}
+        self._links: list[DispatcherLink] = []
+        self._running: dict[str, Running] = {}
+        self._reports: dict[str, list[dispatcher_pb2.AttemptReport]] = {}  # by attempt id
+        self._homeless: list[dispatcher_pb2.AttemptReport] = []  # their owner is unknown
+        # End reports sent and not yet confirmed stored: (report, when last sent).
+        self._unacked: dict[str, tuple[dispatcher_pb2.AttemptReport, float]] = {}
         self._lock = threading.Lock()
-        self._threads = ThreadPoolExecutor(max_workers=pool.capacity * 2,
-                                           thread_name_prefix="attempt")
-        self.draining = False
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._draining = False
+        self._sender = threading.Thread(target=self._send_loop, name="work-sender", daemon=True)
+        self._renewals = itertools.count()
+
+    def connect(self, addresses: Sequence[str],
+                channel_for: Callable[[str], grpc.Channel]) -> Executor:
+        for address in addresses:
+            self._links.append(DispatcherLink(
+                address=address, stub=dispatcher_pb2_grpc.DispatcherServiceStub(
+                    channel_for(address)),
+                executor_id=self.executor_id, on_response=self._response,
+                on_connect=lambda link: self._wake.set()).start())
+        self._sender.start()
+        return self
+
+    # --- the pool's callbacks --------------------------------------------------------------
+
+    def started(self, attempt_id: str, at: datetime) -> None:
+        with self._lock:
+            running = self._running.get(attempt_id)
+            if running is None:
+                return
+            report = dispatcher_pb2.AttemptReport(
+                attempt_id=attempt_id, topic=running.partition[0],
+                partition=running.partition[1], start_time=timestamp_of(at))
+            self._queue_report(running, report)
+
+    def done(self, results: Sequence[AttemptResult]) -> None:
+        with self._lock:
+            for result in results:
+                running = self._running.pop(result.attempt_id, None)
+                if running is None:
+                    continue
+                report = dispatcher_pb2.AttemptReport(
+                    attempt_id=result.attempt_id, topic=running.partition[0],
+                    partition=running.partition[1], end_time=timestamp_of(result.end_time),
+                    result=result.result, error_class=result.error_class,
+                    exit_reason=result.exit_reason)
+                if result.start_time is not None:
+                    report.start_time.CopyFrom(timestamp_of(result.start_time))
+                if result.status is not None:
+                    report.status.CopyFrom(result.status)
+                if result.retry_delay is not None:
+                    delay = Duration()
+                    delay.FromTimedelta(result.retry_delay)
+                    report.retry_delay.CopyFrom(delay)
+                self._unacked[result.attempt_id] = (report, time.monotonic())
+                self._queue_report(running, report)
+        self._wake.set()
+
+    def _queue_report(self, running: Running, report: dispatcher_pb2.AttemptReport) -> None:
+        self._reports.setdefault(running.attempt_id, []).append(report)
+        self._wake.set()
+
+    # --- what dispatchers send -------------------------------------------------------------
+
+    def _response(self, link: DispatcherLink, response: dispatcher_pb2.WorkResponse) -> None:
+        if response.owned_changed:
+            link.owned = {(p.topic, p.partition) for p in response.owned}
+        specs = []
+        with self._lock:
+            link.outstanding = max(0, link.outstanding - len(response.assignments))
+            for assignment in response.assignments:
+                self._running[assignment.attempt_id] = Running(
+                    assignment.attempt_id, (assignment.topic, assignment.partition), link)
+                specs.append(_spec_of(assignment))
+            if response.moved:
+                moved = set(response.moved)
+                for attempt_id in moved:
+                    self._homeless += self._reports.pop(attempt_id, [])
+            stop = [*response.stale, *response.cancel]
+            for attempt_id in response.stale:
+                self._running.pop(attempt_id, None)
+                if self._unacked.pop(attempt_id, None) is not None:
+                    log.warning("late result rejected: the task moved on (its lease ran out, "
+                                "or it was cancelled)", extra={"attempt_id": attempt_id})
+            for attempt_id in response.durable:
+                self._unacked.pop(attempt_id, None)
+        for attempt_id in stop:
+            self._pool.cancel(attempt_id)
+        if specs:
+            try:
+                self._pool.submit(specs)
+            except PoolClosed:
+                # Draining: whatever came in the meantime is not run here; its leases run
+                # out at the owner, which retries it elsewhere.
+                with self._lock:
+                    for spec in specs:
+                        self._running.pop(spec.attempt_id, None)
+        self._wake.set()
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def _send_loop(self) -> None:
+        renew_every = self._lease.total_seconds() / 3
+        next_renewal = time.monotonic() + renew_every
+        while not self._stopping.is_set():
+            self._wake.wait(renew_every)
+            time.sleep(SEND_SECONDS)
+            self._wake.clear()
+            renew = time.monotonic() >= next_renewal
+            if renew:
+                next_renewal = time.monotonic() + renew_every
+            try:
+                self._send(renew=renew)
+            except Exception:
+                log.exception("could not send to the dispatchers")
+
+    def _owner_of(self, partition: PartitionId, fallback: DispatcherLink
+                  ) -> DispatcherLink | None:
+        for link in self._links:
+            if link.connected and partition in link.owned:
+                return link
+        return fallback if fallback.connected and not any(
+            link.owned for link in self._links if link.connected) else None
+
+    def _send(self, *, renew: bool) -> None:
+        requests: dict[int, dispatcher_pb2.WorkRequest] = {}
+
+        def request_for(link: DispatcherLink) -> dispatcher_pb2.WorkRequest:
+            return requests.setdefault(id(link), dispatcher_pb2.WorkRequest())
+
+        with self._lock:
+            reports, self._reports = self._reports, {}
+            pending = self._homeless
+            self._homeless = []
+            for attempt_id, items in reports.items():
+                running = self._running.get(attempt_id)
+                fallback = running.link if running else None
+                for report in items:
+                    link = self._owner_of((report.topic, report.partition),
+                                          fallback or self._links[0])
+                    if link is None:
+                        self._homeless.append(report)
+                    else:
+                        request_for(link).reports.append(report)
+            for report in pending:
+                link = self._owner_of((report.topic, report.partition), self._links[0])
+                if link is None or not link.owned:
+                    self._homeless.append(report)
+                else:
+                    request_for(link).reports.append(report)
+            if renew:
+                now = time.monotonic()
+                for attempt_id, (report, sent) in list(self._unacked.items()):
+                    if now - sent < RESEND_SECONDS:
+                        continue
+                    self._unacked[attempt_id] = (report, now)
+                    link = self._owner_of((report.topic, report.partition), self._links[0])
+                    if link is None or not link.owned:
+                        self._homeless.append(report)
+                    else:
+                        request_for(link).reports.append(report)
+                for running in self._running.values():
+                    link = self._owner_of(running.partition, running.link)
+                    if link is not None:
+                        request_for(link).renew.append(running.attempt_id)
+                self._stop_unrenewable()
+            free = 0 if self._draining else max(
+                0, self._pool.capacity - self._pool.in_flight)
+            for link in self._links:
+                if not link.connected:
+                    continue
+                if self._draining:
+                    request_for(link).draining = True
+                    continue
+                top_up = free - link.outstanding
+                if top_up > 0:
+                    link.outstanding += top_up
+                    request_for(link).credits = top_up
+        for link in self._links:
+            request = requests.get(id(link))
+            if request is not None and link.connected:
+                link.send(request)
+
+    def _stop_unrenewable(self) -> None:
+        """Attempts whose owner has been out of reach for a whole lease were given to another
+        executor by now: stopping them keeps a task from running twice at once."""
+        limit = time.monotonic() - self._lease.total_seconds()
+        for attempt_id, running in list(self._running.items()):
+            link = self._owner_of(running.partition, running.link)
+            if link is None and running.link.disconnected_at < limit and \
+                    not running.link.connected:
+                del self._running[attempt_id]
+                self._pool.cancel(attempt_id)
+
+    # --- the rest --------------------------------------------------------------------------
 
     def load(self) -> executor_manager_pb2.GetLoadResponse:
         return executor_manager_pb2.GetLoadResponse(
             capacity=self._pool.capacity, in_flight=self._pool.in_flight,
-            draining=self.draining)
+            draining=self._draining)
 
-    def dispatch(self, request: executor_manager_pb2.DispatchRequest) -> None:
-        """Starts the attempt on an idle worker.
-
-        Raises:
-            ResourceExhausted: no idle worker, or draining; the dispatcher tries elsewhere.
-        """
-        key = (request.task.tenant_id, request.task.task_id)
+    def drain(self, timeout: timedelta) -> None:
+        """Takes nothing new, lets running attempts finish (up to ``timeout``) and report."""
         with self._lock:
-            current = self._running.get(key)
-        if current is not None and str(current.lease_id) == request.lease_id:
-            return  # a dispatcher retrying a call whose answer it missed: already running
-        function = self._functions.get(request.task.tenant_id, request.task.function)
-        limit = function.rate_limits.max_concurrent_dispatches if function else 0
-        if limit and self._running_of(request.task.tenant_id, request.task.function) >= limit:
-            raise ResourceExhausted(
-                f"function {request.task.function!r} is at its concurrency limit ({limit}) on "
-                "this executor", retry_after=timedelta(milliseconds=100),
-                reason="FUNCTION_CONCURRENCY_LIMIT", metadata={"executor_id": self.executor_id})
-        worker = None if self.draining else self._pool.acquire()
-        if worker is None:
-            raise ResourceExhausted("no idle worker on this executor",
-                                    retry_after=timedelta(milliseconds=100),
-                                    reason="EXECUTOR_FULL",
-                                    metadata={"executor_id": self.executor_id})
-        self._on_load_change()
-        running = Running(request.task.tenant_id, request.task.task_id,
-                          uuid.UUID(request.lease_id), worker, request.task.function,
-                          dispatch_time=now_utc())
-        with self._lock:
-            self._running[(running.tenant_id, running.task_id)] = running
-        self._threads.submit(self._attempt, request.task, running)
-
-    def _running_of(self, tenant_id: str, function: str) -> int:
-        with self._lock:
-            return sum(r.tenant_id == tenant_id and r.function == function
-                       for r in self._running.values())
-
-    def renew_leases(self) -> None:
-        """Extends the lease of every running attempt; stops attempts whose lease was lost."""
-        with self._lock:
-            running = list(self._running.values())
-        for attempt in running:
-            if self._tasks.renew(attempt.tenant_id, attempt.task_id, lease_id=attempt.lease_id,
-                                 expire_time=now_utc() + self._lease):
-                continue
+            self._draining = True
+        self._wake.set()
+        self._pool.drain(timeout)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:  # the last reports' way out
             with self._lock:
-                # Only if it still runs: a finished attempt's worker may already serve another.
-                if self._running.get((attempt.tenant_id, attempt.task_id)) is attempt:
-                    log.warning("lease lost; stopping the attempt", extra={
-                        "tenant": attempt.tenant_id, "task_id": attempt.task_id})
-                    # Its Execute fails and the worker is replaced; the outcome write is
-                    # fenced by the lease, so nothing of this attempt is recorded.
-                    attempt.worker.terminate()
+                if not self._reports and not self._homeless:
+                    break
+            self._wake.set()
+            time.sleep(0.05)
 
-    def cancel(self, tenant_id: str, task_id: str) -> bool:
-        """Stops a running attempt at once (CancelTask already ended the task and took its
-        lease). Its worker process is killed and replaced: the only way to stop any handler,
-        even one blocked in C code, within the 2 s CancelTask promises."""
-        with self._lock:
-            attempt = self._running.get((tenant_id, task_id))
-            if attempt is None:
-                return False
-            attempt.cancelled = True
-        log.info("cancelling a running attempt", extra={"tenant": tenant_id,
-                                                        "task_id": task_id})
-        attempt.worker.terminate()
-        return True
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        for link in self._links:
+            link.stop()
 
-    def drain(self, timeout_seconds: float) -> None:
-        """Takes no new work and waits for running attempts to finish."""
-        self.draining = True
-        self._on_load_change()
-        self._threads.shutdown(wait=True, cancel_futures=False)
-        del timeout_seconds  # attempts end by their own timeouts
 
-    def _attempt(self, message: records_pb2.TaskMessage, running: Running) -> None:
-        try:
-            self._run(message, running)
-        except Exception:
-            log.exception("attempt failed unexpectedly; its lease will expire and it will "
-                          "run again", extra={"task_id": message.task_id})
-        finally:
-            self._done_with_worker(running, reusable=True)
-
-    def _done_with_worker(self, running: Running, *, reusable: bool) -> None:
-        """Ends the attempt's hold on its worker, once: forget it, then free or replace it."""
-        with self._lock:
-            if self._running.get((running.tenant_id, running.task_id)) is not running:
-                return
-            del self._running[(running.tenant_id, running.task_id)]
-        if reusable:
-            self._pool.release(running.worker)
-        else:
-            self._threads.submit(self._pool.replace, running.worker)
-        self._on_load_change()
-
-    def _run(self, message: records_pb2.TaskMessage, running: Running) -> None:
-        start = now_utc()
-        if not self._tasks.mark_running(message.tenant_id, message.task_id,
-                                        lease_id=running.lease_id,
-                                        attempt_number=message.attempt_number, start_time=start):
-            return  # the lease moved on before we started: someone else runs it
-        function = self._functions.get(message.tenant_id, message.function)
-        outcome = self._execute(message, function, running.worker)
-        end = now_utc()
-        # The worker is free (or replaced) before the outcome is written: its next attempt
-        # need not wait for Cassandra.
-        self._done_with_worker(running, reusable=outcome.exit_reason not in (
-            Exit.EXIT_REASON_TIMED_OUT, Exit.EXIT_REASON_WORKER_CRASHED))
-
-        if running.cancelled:
-            return  # CancelTask ended the task and took the lease: nothing more to record
-        stored = self._tasks.get(message.tenant_id, message.task_id)
-        if stored is None:
-            return
-        record = stored.record
-        attempt = tasks_pb2.Attempt(
-            attempt_number=len(record.task.attempts) + 1, executor_id=self.executor_id,
-            dispatch_time=timestamp_of(running.dispatch_time), start_time=timestamp_of(start),
-            end_time=timestamp_of(end),
-            status=outcome.status or status_pb2.Status(code=code_pb2.OK),
-            error_class=outcome.error_class, exit_reason=outcome.exit_reason)
-        if outcome.retry_delay is not None:
-            attempt.requested_retry_delay.CopyFrom(outcome.retry_delay)
-        policy = RetryPolicy.of(function.retry_config if function else
-                                common_pb2.RetryConfig(), record.task.retry_config)
-        if self._lifecycle.end_attempt(record, attempt, lease_id=running.lease_id,
-                                       policy=policy, result=outcome.result) is None:
-            log.warning("late result rejected: the lease was taken over", extra={
-                "tenant": message.tenant_id, "task_id": message.task_id})
-
-    def _execute(self, message: records_pb2.TaskMessage,
-                 function: functions_pb2.Function | None, worker: WorkerProcess) -> Outcome:
-        if function is None:
-            return Outcome(status=status_pb2.Status(
-                code=code_pb2.NOT_FOUND, message=f"function {message.function!r} was deleted"),
-                error_class=ErrorClass.ERROR_CLASS_NON_RETRYABLE,
-                exit_reason=Exit.EXIT_REASON_RAISED)
-        timeout = (function.timeout.ToTimedelta() if function.HasField("timeout")
-                   else DEFAULT_TIMEOUT)
-        request = worker_pb2.ExecuteRequest(
-            attempt_id=f"{message.task_id}/{message.attempt_number}",
-            tenant_id=message.tenant_id, task_id=message.task_id, function=message.function,
-            handler=function.handler, payload=message.payload,
-            attempt_number=message.attempt_number,
-            deadline=timestamp_of(now_utc() + timeout))
-        try:
-            reply = worker.stub.Execute(request, timeout=timeout.total_seconds())
-        except grpc.RpcError as error:
-            return self._failed_call(error, timeout)
-        except ValueError as error:  # its channel was closed under it: the worker was stopped
-            return Outcome(status=status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(error)),
-                           error_class=ErrorClass.ERROR_CLASS_RETRYABLE,
-                           exit_reason=Exit.EXIT_REASON_WORKER_CRASHED)
-        if reply.HasField("error"):
-            return Outcome(status=reply.error.status,
-                           error_class=reply.error.error_class or ErrorClass.ERROR_CLASS_RETRYABLE,
-                           exit_reason=Exit.EXIT_REASON_RAISED,
-                           retry_delay=reply.error.retry_delay
-                           if reply.error.HasField("retry_delay") else None)
-        return Outcome(result=reply.result)
-
-    def _failed_call(self, error: grpc.RpcError, timeout: timedelta) -> Outcome:
-        code = error.code()
-        if code == grpc.StatusCode.NOT_FOUND:  # the handler cannot be imported
-            return Outcome(status=status_pb2.Status(code=code_pb2.NOT_FOUND,
-                                                    message=error.details()),
-                           error_class=ErrorClass.ERROR_CLASS_NON_RETRYABLE,
-                           exit_reason=Exit.EXIT_REASON_RAISED)
-        # A stuck or dead worker: the caller replaces it; only a fresh process is sure to be
-        # clean.
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return Outcome(status=status_pb2.Status(
-                code=code_pb2.DEADLINE_EXCEEDED,
-                message=f"ran longer than the timeout of {timeout.total_seconds():g}s"),
-                error_class=ErrorClass.ERROR_CLASS_RETRYABLE,
-                exit_reason=Exit.EXIT_REASON_TIMED_OUT)
-        return Outcome(status=status_pb2.Status(
-            code=code_pb2.UNAVAILABLE, message=f"the worker process died: {error.details()}"),
-            error_class=ErrorClass.ERROR_CLASS_RETRYABLE,
-            exit_reason=Exit.EXIT_REASON_WORKER_CRASHED)
+def _spec_of(assignment: dispatcher_pb2.Assignment) -> AttemptSpec:
+    task = assignment.task
+    return AttemptSpec(
+        attempt_id=assignment.attempt_id, tenant_id=task.tenant_id, task_id=task.task_id,
+        function=task.function, handler=assignment.handler, payload=task.payload,
+        attempt_number=task.attempt_number, timeout=assignment.timeout.ToTimedelta(),
+        concurrency=max(1, assignment.worker_concurrency), labels=dict(task.labels),
+        trace_context=dict(task.trace_context))

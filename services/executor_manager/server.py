@@ -10,12 +10,8 @@ from libs.grpcserver import GrpcServer, create_server as create_grpc_server, ser
 from services.executor_manager.engine import Executor
 from services.executor_manager.handler import ExecutorHandler
 
-SERVICE = "/weir.internal.executor_manager.v1.ExecutorService"
-# Work comes only from dispatchers; a running attempt is stopped by the gateway that
-# cancelled its task.
-CALLERS = {f"{SERVICE}/Dispatch": {"dispatcher"},
-           f"{SERVICE}/CancelAttempt": {"gateway"},
-           f"{SERVICE}/GetLoad": {"dispatcher", "gateway"}}
+# The executor takes its work from the dispatchers itself; its load is for them to see.
+CALLERS = {"weir.internal.executor_manager.v1.ExecutorService": {"dispatcher"}}
 
 
 def create_server(config: WeirConfig, *, executor: Executor) -> GrpcServer:

@@ -4,7 +4,6 @@ import functools
 import uuid
 from datetime import timedelta
 
-from weir.internal.executor_manager.v1 import executor_manager_pb2_grpc
 from weir.internal.notifier.v1 import notifier_pb2_grpc
 from weir.internal.router.v1 import router_pb2, router_pb2_grpc
 
@@ -13,19 +12,21 @@ from libs.cache import TtlCache
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.functions import FunctionStore
+from libs.cassandra.listing import TaskListing
 from libs.cassandra.operations import OperationStore
 from libs.cassandra.parked import ParkedStore
 from libs.cassandra.session import close, connect
+from libs.cassandra.submissions import SubmissionStore
+from libs.cassandra.taskstate import TaskStateStore
 from libs.cassandra.tenants import TenantStore
-from libs.cassandra.timers import TimerStore
 from libs.config import WeirConfig
 from libs.kafka.client import Producer
-from libs.lifecycle import Lifecycle
 from libs.periodic import Periodic
 from services.gateway.control import TaskControl
 from services.gateway.engine import FUNCTION_CACHE_SECONDS, Submitter
 from services.gateway.operations import OperationRunner, OperationStarter
 from services.gateway.server import create_server
+from services.gateway.sweeper import SubmissionSweeper
 
 OPERATION_POLL_SECONDS = 0.5
 
@@ -42,8 +43,8 @@ def start(config: WeirConfig) -> service.Started:
         # asyncio channel: made on first use, on the server's event loop that uses it.
         return notifier_pb2_grpc.NotifierServiceStub(
             credentials.aio_channel(config.notifier_address, "notifier"))
-    lifecycle = Lifecycle.of_service(session, producer, service="gateway",
-                                     topic_prefix=config.topic_prefix)
+    tasks, listing, submissions = (TaskStateStore(session), TaskListing(session),
+                                   SubmissionStore(session))
     functions, dedup = FunctionStore(session), DedupStore(session)
     dead_letters, operations = DeadLetterStore(session), OperationStore(session)
 
@@ -51,31 +52,24 @@ def start(config: WeirConfig) -> service.Started:
         return router.GetRoute(router_pb2.GetRouteRequest(
             tenant_id=tenant_id, function=function, priority=priority), timeout=5)
 
-    @functools.cache
-    def executor_for(address: str) -> executor_manager_pb2_grpc.ExecutorServiceStub:
-        return executor_manager_pb2_grpc.ExecutorServiceStub(
-            credentials.channel(address, "executor-manager"))
-
     function_cache = TtlCache(functions.get, ttl=FUNCTION_CACHE_SECONDS)
-    submitter = Submitter(tasks=lifecycle.tasks, timers=TimerStore(session),
-                          functions=function_cache,
-                          dedup=dedup, route=route, producer=producer,
+    submitter = Submitter(tasks=tasks, listing=listing, submissions=submissions,
+                          functions=function_cache, dedup=dedup, route=route, producer=producer,
                           crash_after_store=config.fault == "gateway.crash_after_store")
-    control = TaskControl(lifecycle=lifecycle, dead_letters=dead_letters,
-                          parked=ParkedStore(session), functions=functions, producer=producer,
-                          executor_for=executor_for)
+    control = TaskControl(tasks=tasks, listing=listing, dead_letters=dead_letters,
+                          parked=ParkedStore(session), functions=functions, producer=producer)
     server = create_server(config, tenants=TenantStore(session), submitter=submitter,
-                           lifecycle=lifecycle, control=control, functions=functions,
+                           control=control, functions=functions,
                            function_changed=function_cache.forget,
                            dead_letters=dead_letters, notifier=notifier,
                            operations=OperationStarter(operations=operations, dedup=dedup))
     runner = OperationRunner(
-        operations=operations, lifecycle=lifecycle, control=control, dead_letters=dead_letters,
+        operations=operations, control=control, dead_letters=dead_letters,
         owner=f"gateway-{config.advertise_host}:{server.port}-{uuid.uuid4().hex[:8]}",
         silent_after=timedelta(seconds=config.operation_silent_seconds))
-    sweeper = Periodic("unqueued-sweeper", config.sweep_interval_seconds, lambda:
-                       submitter.sweep_unqueued(
-                           grace=timedelta(seconds=config.unqueued_grace_seconds))).start()
+    sweeper = Periodic("submission-sweeper", config.sweep_interval_seconds, SubmissionSweeper(
+        submissions=submissions, tasks=tasks, producer=producer,
+        grace=timedelta(seconds=config.unqueued_grace_seconds)).sweep).start()
     operation_polls = Periodic("operation-runner", OPERATION_POLL_SECONDS, runner.poll).start()
 
     def drain() -> None:

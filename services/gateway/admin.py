@@ -42,12 +42,16 @@ def ensure_tenant(store: TenantStore, tenant_id: str, key_file: Path) -> tuple[s
 
 DEMO_FUNCTIONS = {"echo": "examples.demo:echo", "sleep": "examples.demo:sleep",
                   "fail": "examples.demo:fail"}
+# The demo handlers are thread-safe (and sleep waits without the CPU): a worker runs several
+# at once, and they travel to it in batches.
+DEMO_WORKER_CONCURRENCY = 8
 
 
 def ensure_demo_functions(store: FunctionStore, tenant_id: str) -> list[str]:
     """Registers the demo functions the README tour uses; returns those it created."""
     return [name for name, handler in DEMO_FUNCTIONS.items()
-            if store.create(tenant_id, functions_pb2.Function(name=name, handler=handler))]
+            if store.create(tenant_id, functions_pb2.Function(
+                name=name, handler=handler, worker_concurrency=DEMO_WORKER_CONCURRENCY))]
 
 
 def main() -> None:

@@ -1,35 +1,46 @@
-"""Acting on existing tasks: cancel, delete, re-drive from the dead letters, release parked."""
+"""Acting on existing tasks: cancel, delete, re-drive from the dead letters, release parked.
+
+The gateway never writes an existing task: the owner of the task's Kafka partition is its
+only writer. A change is asked for with a control record on that partition, which Kafka
+orders with the task's own records, and the gateway reads the stored task to see it done.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-import grpc
-from google.rpc import code_pb2, status_pb2
-from weir.internal.executor_manager.v1 import executor_manager_pb2, executor_manager_pb2_grpc
+from kafka.errors import KafkaError
 from weir.storage.v1 import records_pb2
 from weir.v1 import dead_letters_pb2, tasks_pb2
 
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.functions import FunctionStore
+from libs.cassandra.listing import TaskListing
 from libs.cassandra.parked import ParkedStore
-from libs.cassandra.tasks import FINAL_STATES, StoredTask, TaskKey, now_utc, timestamp_of
-from libs.errors import DeadlineExceeded
+from libs.cassandra.taskstate import (
+    FINAL_STATES,
+    StoredTask,
+    TaskKey,
+    TaskStateStore,
+    now_utc,
+    timestamp_of,
+)
+from libs.errors import DeadlineExceeded, Unavailable
 from libs.grpcserver import current_call
 from libs.kafka.client import Producer
-from libs.lifecycle import WAITING_STATES, Lifecycle
-from libs.taskqueue import task_record_to_kafka
+from libs.taskqueue import Routed, cancel_message, records_by_partition, redrive_message
 from services.gateway.filters import TaskFilter
 
-log = logging.getLogger(__name__)
-
 State = tasks_pb2.TaskState
-LEASED_STATES = frozenset({State.TASK_STATE_DISPATCHED, State.TASK_STATE_RUNNING})
 LIST_DAYS = 31  # how far back listings and batch operations look
+# How a cancel waits for the owner to end the task: polls of one task's statics, cheap.
+CANCEL_POLL_SECONDS = 0.025
+CANCEL_WAIT_SECONDS = 5.0
+RELEASE_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -65,16 +76,17 @@ class ScanPosition:
         return cls.from_dict(json.loads(raw))
 
 
-def scan_tasks(lifecycle: Lifecycle, tenant_id: str, task_filter: TaskFilter,
-               position: ScanPosition, *, batch: int = 200, budget: int | None = None
+def scan_tasks(tasks: TaskStateStore, listing: TaskListing, tenant_id: str,
+               task_filter: TaskFilter, position: ScanPosition, *, batch: int = 200,
+               budget: int | None = None, history: bool = False
                ) -> Iterator[tuple[ScanPosition, StoredTask | None]]:
     """The tenant's tasks matching the filter, newest first, each with the position after it.
 
     The scan covers the listing window (`LIST_DAYS`, never days ahead of today) and stops
     as soon as the call it serves is over (`current_call`). After ``budget`` tasks read it
     yields the position reached with None and stops, so one call's work stays bounded.
+    ``history`` reads the tasks' timelines and attempts too (a FULL view).
     """
-    tasks = lifecycle.tasks
     call = current_call()
     today = now_utc().date()
     oldest = today - timedelta(days=LIST_DAYS)
@@ -85,16 +97,17 @@ def scan_tasks(lifecycle: Lifecycle, tenant_id: str, task_filter: TaskFilter,
     while day >= oldest:
         if not call.active():
             raise DeadlineExceeded("the caller stopped waiting for this listing")
-        rows = tasks.list_page(tenant_id, day=day, before=before, after_task_id=after,
-                               limit=batch)
+        rows = listing.page(tenant_id, day=day, before=before, after_task_id=after,
+                            limit=batch)
         if not rows:
             day, before, after = day - timedelta(days=1), datetime.max.replace(tzinfo=UTC), ""
             continue
-        found = tasks.get_many(TaskKey(tenant_id, task_id) for _, task_id in rows)
+        found = tasks.get_many((TaskKey(tenant_id, task_id) for _, task_id in rows),
+                               history=history)
         for (create_time, task_id), item in zip(rows, found, strict=True):
-            before, after = create_time.replace(tzinfo=UTC), task_id
+            before, after = create_time, task_id
             examined += 1
-            if item is not None and task_filter.matches(item.record.task):
+            if item is not None and task_filter.matches(item.to_task(full=False)):
                 yield ScanPosition(day, before, after), item
             elif budget is not None and examined >= budget:
                 yield ScanPosition(day, before, after), None
@@ -102,92 +115,91 @@ def scan_tasks(lifecycle: Lifecycle, tenant_id: str, task_filter: TaskFilter,
 
 
 class TaskControl:
-    """Cancels, deletes and re-drives tasks; releases a resumed function's parked tasks."""
+    """Cancels, deletes and re-drives tasks; releases a resumed function's parked tasks.
 
-    def __init__(self, *, lifecycle: Lifecycle, dead_letters: DeadLetterStore,
-                 parked: ParkedStore, functions: FunctionStore, producer: Producer,
-                 executor_for: Callable[[str], executor_manager_pb2_grpc.ExecutorServiceStub]
-                 ) -> None:
-        self.lifecycle = lifecycle
-        self._lifecycle = lifecycle
-        self._functions = functions
-        self._tasks = lifecycle.tasks
+    Every change is a record to the task's owner: this class writes no task.
+    """
+
+    def __init__(self, *, tasks: TaskStateStore, listing: TaskListing,
+                 dead_letters: DeadLetterStore, parked: ParkedStore, functions: FunctionStore,
+                 producer: Producer, cancel_wait_seconds: float = CANCEL_WAIT_SECONDS) -> None:
+        self.tasks = tasks
+        self.listing = listing
         self._dead_letters = dead_letters
         self._parked = parked
+        self._functions = functions
         self._producer = producer
-        self._executor_for = executor_for
+        self._cancel_wait = cancel_wait_seconds
 
-    def cancel(self, stored: StoredTask, *, reason: str) -> tuple[StoredTask, bool]:
-        """Ends the task CANCELLED unless it already finished; a running attempt is stopped.
+    def request_cancel(self, stored: StoredTask, *, reason: str) -> bool:
+        """Asks the task's owner to cancel it, without waiting. A task already final is left
+        alone: True when it is CANCELLED (a repeat is done), False otherwise."""
+        if stored.state in FINAL_STATES:
+            return stored.state == State.TASK_STATE_CANCELLED
+        spec = stored.spec
+        self._ask([(spec.topic, spec.partition, cancel_message(spec, reason=reason))])
+        return True
 
-        The cancel is one compare-and-set that also takes away the lease: from then on the
-        executor's writes are fenced out (its result is rejected, nothing retries it), and
-        CancelAttempt makes it stop the worker now rather than at its next lease renewal.
-        Returns the task afterwards and whether this call cancelled it.
+    def cancel(self, stored: StoredTask, *, reason: str) -> StoredTask:
+        """Cancels an unfinished task and waits (up to ``cancel_wait_seconds``) until its
+        owner has ended it; returns the task as it is then (final or not, e.g. while its
+        owner is being replaced). A running attempt is stopped by its owner."""
+        if stored.state in FINAL_STATES:
+            return stored
+        self.request_cancel(stored, reason=reason)
+        return self._await_final(stored)
+
+    def _ask(self, routed: list[Routed]) -> None:
+        """Produces control records to the owners of their partitions (acks=all).
+
+        Raises:
+            Unavailable: Kafka did not take them in time; asking again is safe.
         """
-        stopped_at: list[str] = []  # the executor of the attempt the cancel interrupts
-
-        def interrupted_attempt(current: StoredTask) -> None:
-            stopped_at.clear()
-            if current.state not in LEASED_STATES:
-                return
-            task = current.record.task
-            stopped_at.append(current.executor_address or "")
-            task.attempts.append(tasks_pb2.Attempt(
-                attempt_number=len(task.attempts) + 1, executor_id=stopped_at[0],
-                end_time=timestamp_of(now_utc()),
-                exit_reason=tasks_pb2.ExitReason.EXIT_REASON_CANCELLED,
-                status=status_pb2.Status(code=code_pb2.CANCELLED, message=reason)))
-            task.attempt_count = len(task.attempts)
-
-        before = stored.state
-        after = self._lifecycle.end(stored, state=State.TASK_STATE_CANCELLED, detail=reason,
-                                    allowed=WAITING_STATES | LEASED_STATES,
-                                    amend=interrupted_attempt)
-        cancelled = (after is not None and after.state == State.TASK_STATE_CANCELLED
-                     and before != State.TASK_STATE_CANCELLED)
-        if cancelled and stopped_at and stopped_at[0]:
-            self._stop_attempt(stopped_at[0], stored.record, reason)
-        return after or stored, cancelled
-
-    def _stop_attempt(self, address: str, record: records_pb2.TaskRecord, reason: str) -> None:
         try:
-            self._executor_for(address).CancelAttempt(executor_manager_pb2.CancelAttemptRequest(
-                tenant_id=record.tenant_id, task_id=record.task.task_id, reason=reason),
-                timeout=2)
-        except grpc.RpcError as error:
-            # Its lease is gone: the executor stops the attempt at its next renewal anyway.
-            log.warning("could not reach the executor to stop a cancelled attempt", extra={
-                "executor": address, "task_id": record.task.task_id,
-                "code": error.code().name})
+            self._producer.send_all(records_by_partition(routed))
+        except KafkaError as exc:
+            raise Unavailable(f"could not reach the task's owner through Kafka: {exc}") from exc
+
+    def _await_final(self, stored: StoredTask) -> StoredTask:
+        call = current_call()
+        deadline = time.monotonic() + self._cancel_wait
+        while stored.state not in FINAL_STATES and time.monotonic() < deadline \
+                and call.active():
+            time.sleep(CANCEL_POLL_SECONDS)
+            [current] = self.tasks.get_many([stored.key], history=False)
+            if current is None:
+                break  # deleted meanwhile
+            stored = current
+        return stored
 
     def delete(self, stored: StoredTask) -> bool:
-        """Deletes a task (cancelled first if unfinished) with its dead letter, if any."""
+        """Deletes a task (cancelled first if unfinished), its dead letter and its listing.
+
+        The deletion's timestamps are above any owner's, so it stands even when the owner
+        has not ended the task yet."""
         if stored.state not in FINAL_STATES:
-            stored, _ = self.cancel(stored, reason="deleted")
-        if stored.state == State.TASK_STATE_FAILED:
-            letter = self._dead_letters.get(stored.record.tenant_id, stored.record.task.task_id)
-            if letter is not None:
-                self._dead_letters.remove(letter, stored.record.tenant_id)
-        self._tasks.delete(stored.record)
+            stored = self.cancel(stored, reason="deleted")
+        tenant_id = stored.spec.tenant_id
+        letter = self._dead_letters.get(tenant_id, stored.spec.task.task_id)
+        if letter is not None:
+            self._dead_letters.remove(letter, tenant_id)
+        self.tasks.delete(stored.key)
+        self.listing.remove(stored.spec)
         return True
 
     def redrive(self, tenant_id: str, letter: dead_letters_pb2.DeadLetter, *,
                 payload_override: bytes | None) -> bool:
-        """Runs a dead-lettered task again, as the next attempt of the same task; False when
-        it is no longer FAILED (deleted, or re-driven meanwhile)."""
-
-        def amend(record: records_pb2.TaskRecord) -> None:
-            record.redrive_count += 1
-            record.attempts_before_redrive = len(record.task.attempts)
-            if payload_override is not None:
-                record.task.payload = payload_override
-
-        queued = self._lifecycle.queue(
-            self._tasks.get(tenant_id, letter.task_id), detail="re-driven from the dead letters",
-            ready=lambda s: s.state == State.TASK_STATE_FAILED, amend=amend)
+        """Asks the owner to run a dead-lettered task again, as its next attempt, and drops
+        the dead letter; False when the task is no longer FAILED (deleted, or re-driven)."""
+        [stored] = self.tasks.get_many([TaskKey(tenant_id, letter.task_id)], history=False)
+        if stored is None or stored.state != State.TASK_STATE_FAILED:
+            self._dead_letters.remove(letter, tenant_id)  # a stale letter
+            return False
+        spec = stored.spec
+        self._ask([(spec.topic, spec.partition,
+                    redrive_message(stored, payload_override=payload_override))])
         self._dead_letters.remove(letter, tenant_id)
-        return queued
+        return True
 
     def delete_function(self, tenant_id: str, function: str) -> None:
         """Deletes a function and the tasks it still holds parked (they were cancelled, or
@@ -201,19 +213,25 @@ class TaskControl:
         batch: list[records_pb2.TaskMessage] = []
         for message in self._parked.parked(tenant_id, function):
             batch.append(message)
-            if len(batch) == 500:
+            if len(batch) == RELEASE_BATCH:
                 released += self._release(batch)
                 batch = []
         return released + self._release(batch)
 
-    def _release(self, messages: list[records_pb2.TaskMessage]) -> int:
-        keys = [TaskKey(m.tenant_id, m.task_id) for m in messages]
-        found = self._tasks.get_many(keys)
-        waiting = [(m, s) for m, s in zip(messages, found, strict=True)
-                   if s is not None and s.state in (State.TASK_STATE_ACCEPTED,
-                                                    State.TASK_STATE_QUEUED)]
-        self._producer.send_all(task_record_to_kafka(s.record, attempt_number=m.attempt_number)
-                                for m, s in waiting)
-        for message in messages:
-            self._parked.unpark(message)
-        return len(waiting)
+    def _release(self, messages: Sequence[records_pb2.TaskMessage]) -> int:
+        """Re-produces parked messages to their tasks' partitions, then unparks them. The
+        owner checks each against the stored state (it may have been cancelled meanwhile)."""
+        found = self.tasks.get_many((TaskKey(m.tenant_id, m.task_id) for m in messages),
+                                    history=False)
+        enqueued = timestamp_of(now_utc())
+        routed: list[Routed] = []
+        for message, stored in zip(messages, found, strict=True):
+            if stored is None or stored.state in FINAL_STATES:
+                continue
+            message.check_state = True
+            message.enqueue_time.CopyFrom(enqueued)
+            routed.append((stored.spec.topic, stored.spec.partition, message))
+        if routed:
+            self._ask(routed)
+        self._parked.unpark_many(messages)
+        return len(routed)

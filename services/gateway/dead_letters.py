@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from datetime import datetime
 
+import grpc
 from weir.storage.v1 import records_pb2
-from weir.v1 import dead_letters_pb2, dead_letters_pb2_grpc, operations_pb2_grpc
+from weir.v1 import dead_letters_pb2, dead_letters_pb2_grpc, operations_pb2, operations_pb2_grpc
 
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.errors import DeadlineExceeded, InvalidArgument, NotFound
@@ -20,6 +21,7 @@ from services.gateway.operations import OperationStarter, new_operation
 
 Kind = records_pb2.OperationKind
 MAX_REDRIVE_IDS = 1000
+Context = grpc.ServicerContext
 
 
 class DeadLetterHandler(dead_letters_pb2_grpc.DeadLetterServiceServicer):
@@ -30,7 +32,8 @@ class DeadLetterHandler(dead_letters_pb2_grpc.DeadLetterServiceServicer):
         self._tokens = tokens
         self._max_payload = max_payload_bytes
 
-    def ListDeadLetters(self, request, context):
+    def ListDeadLetters(self, request: dead_letters_pb2.ListDeadLettersRequest, context: Context
+                        ) -> dead_letters_pb2.ListDeadLettersResponse:
         validation.check_page(request.page_size, request.page_token)
         letter_filter = DeadLetterFilter.parse(request.filter)
         size = request.page_size or 100
@@ -63,7 +66,8 @@ class DeadLetterHandler(dead_letters_pb2_grpc.DeadLetterServiceServicer):
         return dead_letters_pb2.ListDeadLettersResponse(dead_letters=found,
                                                         next_page_token=token)
 
-    def GetDeadLetter(self, request, context):
+    def GetDeadLetter(self, request: dead_letters_pb2.GetDeadLetterRequest, context: Context
+                      ) -> dead_letters_pb2.DeadLetter:
         validation.check_id(request.task_id)
         letter = self._dead_letters.get(current_tenant.get(), request.task_id)
         if letter is None:
@@ -71,7 +75,8 @@ class DeadLetterHandler(dead_letters_pb2_grpc.DeadLetterServiceServicer):
                            reason="DEAD_LETTER_NOT_FOUND")
         return letter
 
-    def RedriveDeadLetters(self, request, context):
+    def RedriveDeadLetters(self, request: dead_letters_pb2.RedriveDeadLettersRequest,
+                           context: Context) -> operations_pb2.Operation:
         if bool(request.task_ids) == bool(request.filter.strip()):
             raise InvalidArgument({"task_ids": "set exactly one of task_ids and filter"})
         if len(request.task_ids) > MAX_REDRIVE_IDS:
@@ -99,8 +104,10 @@ class OperationHandler(operations_pb2_grpc.OperationServiceServicer):
     def __init__(self, operations: OperationStarter) -> None:
         self._operations = operations
 
-    def GetOperation(self, request, context):
+    def GetOperation(self, request: operations_pb2.GetOperationRequest, context: Context
+                     ) -> operations_pb2.Operation:
         return self._operations.get(current_tenant.get(), request.name)
 
-    def CancelOperation(self, request, context):
+    def CancelOperation(self, request: operations_pb2.CancelOperationRequest, context: Context
+                        ) -> operations_pb2.Operation:
         return self._operations.cancel(current_tenant.get(), request.name)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import grpc
 from google.protobuf import field_mask_pb2
 from weir.storage.v1 import records_pb2
 from weir.v1 import functions_pb2, functions_pb2_grpc, operations_pb2
 
 from libs.cassandra.functions import FunctionStore
-from libs.cassandra.tasks import FINAL_STATES, now_utc, timestamp_of
+from libs.cassandra.taskstate import FINAL_STATES, now_utc, timestamp_of
 from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, excerpt
 from libs.pagetoken import PageTokens
 from services.gateway import validation
@@ -23,6 +24,7 @@ MAX_MASK_PATHS = 32
 
 State = functions_pb2.FunctionState
 OpState = operations_pb2.OperationState
+Context = grpc.ServicerContext
 
 
 class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
@@ -39,7 +41,8 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
         self._allow_private = allow_private_targets
         self._batch_rate = batch_rate
 
-    def CreateFunction(self, request, context):
+    def CreateFunction(self, request: functions_pb2.CreateFunctionRequest, context: Context
+                       ) -> functions_pb2.Function:
         self._check(request.function)
         function = functions_pb2.Function()
         function.CopyFrom(request.function)
@@ -51,10 +54,12 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
         self._changed(current_tenant.get(), function.name)  # a cached "not found" is stale
         return function
 
-    def GetFunction(self, request, context):
+    def GetFunction(self, request: functions_pb2.GetFunctionRequest, context: Context
+                    ) -> functions_pb2.Function:
         return self._get(request.name)
 
-    def ListFunctions(self, request, context):
+    def ListFunctions(self, request: functions_pb2.ListFunctionsRequest, context: Context
+                      ) -> functions_pb2.ListFunctionsResponse:
         validation.check_page(request.page_size, request.page_token)
         tenant = current_tenant.get()
         after = ""
@@ -67,7 +72,8 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
                  if len(found) == size else "")
         return functions_pb2.ListFunctionsResponse(functions=found, next_page_token=token)
 
-    def UpdateFunction(self, request, context):
+    def UpdateFunction(self, request: functions_pb2.UpdateFunctionRequest, context: Context
+                       ) -> functions_pb2.Function:
         paths = list(request.update_mask.paths)
         if not paths:
             raise InvalidArgument({"update_mask": "name at least one field to change"})
@@ -88,7 +94,8 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
             raise NotFound(f"function {current.name!r} not found", reason="FUNCTION_NOT_FOUND")
         return current
 
-    def DeleteFunction(self, request, context):
+    def DeleteFunction(self, request: functions_pb2.DeleteFunctionRequest, context: Context
+                       ) -> operations_pb2.Operation:
         """Deletes at once when nothing of the function is unfinished; with ``force``, turns
         it DELETING and leaves the cancelling and the deletion to an operation."""
         tenant = current_tenant.get()
@@ -116,7 +123,8 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
             f"DeleteFunction {function.name} (force)", filter=f'function = "{function.name}"',
             function=function.name, items_per_second=self._batch_rate))
 
-    def PauseFunction(self, request, context):
+    def PauseFunction(self, request: functions_pb2.PauseFunctionRequest, context: Context
+                      ) -> functions_pb2.Function:
         function = self._get(request.name)
         self._refuse_if_deleting(function)
         if function.state != State.FUNCTION_STATE_PAUSED:
@@ -124,7 +132,8 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
             self._save(function)
         return function
 
-    def ResumeFunction(self, request, context):
+    def ResumeFunction(self, request: functions_pb2.ResumeFunctionRequest, context: Context
+                       ) -> functions_pb2.Function:
         """Marks the function active, then queues the tasks it held. The order matters (see
         the dispatcher's parking); a retried call releases whatever a failed one left."""
         function = self._get(request.name)
@@ -147,10 +156,11 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
         """An unfinished task of the function within the listing window, if any; the scan
         stops when the caller's deadline passes."""
         task_filter = TaskFilter.parse(f'function = "{name}"')
-        for _, stored in scan_tasks(self._control.lifecycle, tenant, task_filter,
+        control = self._control
+        for _, stored in scan_tasks(control.tasks, control.listing, tenant, task_filter,
                                     ScanPosition.start()):
             if stored is not None and stored.state not in FINAL_STATES:
-                return stored.record.task.task_id
+                return stored.spec.task.task_id
         return None
 
     def _check(self, function: functions_pb2.Function) -> None:

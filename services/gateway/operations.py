@@ -21,14 +21,13 @@ from datetime import UTC, datetime, timedelta
 
 from google.rpc import code_pb2, status_pb2
 from weir.storage.v1 import records_pb2
-from weir.v1 import operations_pb2, tasks_pb2
+from weir.v1 import operations_pb2
 
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.operations import OperationStore, StoredOperation
-from libs.cassandra.tasks import FINAL_STATES, now_utc, timestamp_of
+from libs.cassandra.taskstate import FINAL_STATES, now_utc, timestamp_of
 from libs.errors import InvalidArgument, NotFound
-from libs.lifecycle import Lifecycle
 from services.gateway.control import ScanPosition, TaskControl, scan_tasks
 from services.gateway.engine import FUNCTION_CACHE_SECONDS
 from services.gateway.filters import DeadLetterFilter, TaskFilter
@@ -36,7 +35,6 @@ from services.gateway.validation import check_operation_name
 
 log = logging.getLogger(__name__)
 
-CANCELLED = tasks_pb2.TaskState.TASK_STATE_CANCELLED
 OpState = operations_pb2.OperationState
 Kind = records_pb2.OperationKind
 FINAL = frozenset({OpState.OPERATION_STATE_SUCCEEDED, OpState.OPERATION_STATE_FAILED,
@@ -101,12 +99,11 @@ class OperationStarter:
 class OperationRunner:
     """Claims and runs operations; `poll` is called periodically."""
 
-    def __init__(self, *, operations: OperationStore, lifecycle: Lifecycle,
-                 control: TaskControl, dead_letters: DeadLetterStore, owner: str,
+    def __init__(self, *, operations: OperationStore, control: TaskControl,
+                 dead_letters: DeadLetterStore, owner: str,
                  silent_after: timedelta = timedelta(seconds=10)) -> None:
         self._operations = operations
         self._control = control
-        self._lifecycle = lifecycle
         self._dead_letters = dead_letters
         self._owner = owner
         self._silent_after = silent_after
@@ -228,16 +225,19 @@ class OperationRunner:
             position = ScanPosition.start(record.operation.create_time.ToDatetime(tzinfo=UTC))
         delete = record.kind == Kind.OPERATION_KIND_DELETE_TASKS
         unfinished_only = record.kind == Kind.OPERATION_KIND_DELETE_FUNCTION
-        for after, stored in scan_tasks(self._lifecycle, record.tenant_id, task_filter,
-                                        position):
+        control = self._control
+        for after, stored in scan_tasks(control.tasks, control.listing, record.tenant_id,
+                                        task_filter, position):
             cursor = after.to_json()
             if stored is None or (unfinished_only and stored.state in FINAL_STATES):
                 continue
             if delete:
-                yield cursor, lambda s=stored: self._control.delete(s)
-            else:  # done when it ends up CANCELLED (also by a repeat after a take-over)
-                yield cursor, lambda s=stored: self._control.cancel(
-                    s, reason=f"cancelled by {record.operation.name}")[0].state == CANCELLED
+                yield cursor, lambda s=stored: control.delete(s)
+            else:
+                # Done once asked: the owner cancels it. A task already CANCELLED is done too
+                # (a repeat after a take-over); one that ended otherwise is not.
+                yield cursor, lambda s=stored: control.request_cancel(
+                    s, reason=f"cancelled by {record.operation.name}")
 
     def _dead_letter_items(self, record: records_pb2.OperationRecord) -> Iterator[Item]:
         override = record.payload_override if record.HasField("payload_override") else None

@@ -14,7 +14,6 @@ from libs.cassandra.functions import FunctionStore
 from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from libs.grpcserver import GrpcServer, create_server as create_grpc_server, servicer
-from libs.lifecycle import Lifecycle
 from libs.pagetoken import PageTokens
 from libs.sdk.handlers import handler_packages
 from services.gateway.auth import ApiKeyAuthenticator, AuthInterceptor
@@ -28,7 +27,7 @@ from services.gateway.tasks import TaskHandler
 
 
 def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submitter,
-                  lifecycle: Lifecycle, control: TaskControl, functions: FunctionStore,
+                  control: TaskControl, functions: FunctionStore,
                   function_changed: Callable[[str, str], None],
                   dead_letters: DeadLetterStore, operations: OperationStarter,
                   notifier: Callable[[], notifier_pb2_grpc.NotifierServiceStub]) -> GrpcServer:
@@ -36,7 +35,7 @@ def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submit
     authenticator = ApiKeyAuthenticator(
         tenant_of=tenants.tenant_of, cache_for=timedelta(seconds=config.api_key_cache_seconds))
     tokens = PageTokens(tls.page_token_key(config))
-    task_handler = TaskHandler(submitter=submitter, lifecycle=lifecycle, control=control,
+    task_handler = TaskHandler(submitter=submitter, control=control,
                                operations=operations, notifier=notifier,
                                max_payload_bytes=config.max_payload_bytes,
                                batch_rate=config.batch_items_per_second,

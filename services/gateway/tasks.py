@@ -9,11 +9,10 @@ import grpc
 from google.protobuf import empty_pb2
 from weir.internal.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from weir.storage.v1 import records_pb2
-from weir.v1 import tasks_pb2, tasks_pb2_grpc
+from weir.v1 import operations_pb2, tasks_pb2, tasks_pb2_grpc
 
-from libs.cassandra.tasks import FINAL_STATES, StoredTask
+from libs.cassandra.taskstate import FINAL_STATES, StoredTask, TaskKey
 from libs.errors import InvalidArgument, NotFound, Unavailable
-from libs.lifecycle import Lifecycle
 from libs.pagetoken import PageTokens
 from services.gateway import validation
 from services.gateway.auth import current_tenant
@@ -26,27 +25,18 @@ from services.gateway.streams import StreamQuota
 View = tasks_pb2.TaskView
 Kind = records_pb2.OperationKind
 NO_DEADLINE = 1e9  # seconds; grpc reports 'no deadline' as a remaining time beyond this
-
-
-def shape(task: tasks_pb2.Task, view: int, stages=()) -> tasks_pb2.Task:
-    """The task as the requested view shows it."""
-    if view == View.TASK_VIEW_FULL:
-        task.stages.extend(stages)
-        return task
-    for field in ("payload", "result", "attempts", "stages"):
-        task.ClearField(field)
-    return task
+Context = grpc.ServicerContext
 
 
 class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
-    def __init__(self, *, submitter: Submitter, lifecycle: Lifecycle, control: TaskControl,
+    def __init__(self, *, submitter: Submitter, control: TaskControl,
                  operations: OperationStarter, max_payload_bytes: int, batch_rate: float,
                  notifier: Callable[[], notifier_pb2_grpc.NotifierServiceStub],
                  streams: StreamQuota, tokens: PageTokens, allow_private_targets: bool) -> None:
         self._submitter = submitter
-        self._lifecycle = lifecycle
-        self._tasks = lifecycle.tasks
         self._control = control
+        self._tasks = control.tasks
+        self._listing = control.listing
         self._operations = operations
         self._batch_rate = batch_rate
         self._max_payload = max_payload_bytes
@@ -55,13 +45,15 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         self._tokens = tokens
         self._allow_private = allow_private_targets
 
-    def CreateTask(self, request, context):
+    def CreateTask(self, request: tasks_pb2.CreateTaskRequest, context: Context
+                   ) -> tasks_pb2.Task:
         validation.check_create(request, max_payload_bytes=self._max_payload,
                                 allow_private_targets=self._allow_private)
         created = self._submitter.create(current_tenant.get(), [request], prefix=lambda i: "")
         return raise_for_single(created[0])
 
-    def BatchCreateTasks(self, request, context):
+    def BatchCreateTasks(self, request: tasks_pb2.BatchCreateTasksRequest, context: Context
+                         ) -> tasks_pb2.BatchCreateTasksResponse:
         validation.check_batch(request, max_payload_bytes=self._max_payload,
                                allow_private_targets=self._allow_private)
         created = self._submitter.create(current_tenant.get(), list(request.requests),
@@ -69,15 +61,13 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         return tasks_pb2.BatchCreateTasksResponse(results=[
             tasks_pb2.BatchCreateTaskResult(task=c.task, status=c.status) for c in created])
 
-    def GetTask(self, request, context):
+    def GetTask(self, request: tasks_pb2.GetTaskRequest, context: Context) -> tasks_pb2.Task:
         validation.check_view(request.view)
-        stored = self._get(request.task_id)
-        view = request.view or View.TASK_VIEW_FULL
-        stages = (self._tasks.stages(current_tenant.get(), request.task_id)
-                  if view == View.TASK_VIEW_FULL else ())
-        return shape(stored.record.task, view, stages)
+        full = (request.view or View.TASK_VIEW_FULL) == View.TASK_VIEW_FULL
+        return self._get(request.task_id, history=full).to_task(full=full)
 
-    def ListTasks(self, request, context):
+    def ListTasks(self, request: tasks_pb2.ListTasksRequest, context: Context
+                  ) -> tasks_pb2.ListTasksResponse:
         validation.check_page(request.page_size, request.page_token)
         validation.check_view(request.view)
         task_filter = TaskFilter.parse(request.filter)
@@ -87,38 +77,47 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
             start = ScanPosition.from_dict(self._tokens.decode(
                 request.page_token, listing="tasks", tenant_id=tenant, filter=request.filter))
         page_size = request.page_size or 100
-        view = request.view or View.TASK_VIEW_BASIC
+        full = (request.view or View.TASK_VIEW_BASIC) == View.TASK_VIEW_FULL
         found: list[tasks_pb2.Task] = []
         # At most this many tasks are read for one page: a filter that matches little
         # returns a shorter page (with a token) rather than reading the whole window.
         budget = max(page_size * 20, 2000)
-        for position, item in scan_tasks(self._lifecycle, tenant, task_filter, start,
-                                         batch=page_size * 2, budget=budget):
+        for position, item in scan_tasks(self._tasks, self._listing, tenant, task_filter,
+                                         start, batch=page_size * 2, budget=budget,
+                                         history=full):
             if item is not None:
-                found.append(shape(item.record.task, view))
+                found.append(item.to_task(full=full))
             if item is None or len(found) == page_size:
                 return tasks_pb2.ListTasksResponse(tasks=found, next_page_token=(
                     self._tokens.encode(position.to_dict(), listing="tasks", tenant_id=tenant,
                                         filter=request.filter)))
         return tasks_pb2.ListTasksResponse(tasks=found)
 
-    def CancelTask(self, request, context):
+    def CancelTask(self, request: tasks_pb2.CancelTaskRequest, context: Context
+                   ) -> tasks_pb2.Task:
+        """Asks the task's owner to cancel it and answers once it did (or after a few
+        seconds, with the task as it is then)."""
         validation.check_reason(request.reason)
         stored = self._get(request.task_id)
-        after, _ = self._control.cancel(stored, reason=request.reason or "cancelled by a caller")
-        return shape(after.record.task, View.TASK_VIEW_BASIC)
+        after = self._control.cancel(stored, reason=request.reason or "cancelled by a caller")
+        return after.to_task(full=False)
 
-    def DeleteTask(self, request, context):
+    def DeleteTask(self, request: tasks_pb2.DeleteTaskRequest, context: Context
+                   ) -> empty_pb2.Empty:
         self._control.delete(self._get(request.task_id))
         return empty_pb2.Empty()
 
-    def BatchCancelTasks(self, request, context):
+    def BatchCancelTasks(self, request: tasks_pb2.BatchCancelTasksRequest, context: Context
+                         ) -> operations_pb2.Operation:
         return self._start_batch(request, Kind.OPERATION_KIND_CANCEL_TASKS, "BatchCancelTasks")
 
-    def BatchDeleteTasks(self, request, context):
+    def BatchDeleteTasks(self, request: tasks_pb2.BatchDeleteTasksRequest, context: Context
+                         ) -> operations_pb2.Operation:
         return self._start_batch(request, Kind.OPERATION_KIND_DELETE_TASKS, "BatchDeleteTasks")
 
-    def _start_batch(self, request, kind: int, method: str):
+    def _start_batch(self, request: tasks_pb2.BatchCancelTasksRequest
+                     | tasks_pb2.BatchDeleteTasksRequest, kind: int, method: str
+                     ) -> operations_pb2.Operation:
         validation.check_request_id(request.request_id)
         if not request.filter.strip():
             raise InvalidArgument({"filter": "required; e.g. function = \"resize\""})
@@ -127,9 +126,12 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
             current_tenant.get(), kind, f"{method} {request.filter}", filter=request.filter,
             items_per_second=self._batch_rate), request_id=request.request_id)
 
-    def _get(self, task_id: str) -> StoredTask:
+    def _get(self, task_id: str, *, history: bool = False) -> StoredTask:
+        """The caller's task; ``history`` reads its timeline and attempts too."""
         validation.check_id(task_id)
-        stored = self._tasks.get(current_tenant.get(), task_id)
+        key = TaskKey(current_tenant.get(), task_id)
+        stored = (self._tasks.get(key) if history
+                  else self._tasks.get_many([key], history=False)[0])
         if stored is None:
             raise NotFound(f"task {task_id!r} not found", reason="TASK_NOT_FOUND")
         return stored
@@ -161,13 +163,16 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
 
     def _response(self, reply: notifier_pb2.WatchTaskResponse, tenant: str,
                   task_id: str) -> tasks_pb2.WatchTaskResponse:
+        """A watch event; a final one carries the task as it ended, with its result."""
         stage = reply.event.stage
-        stored = self._tasks.get(tenant, task_id) if stage.state in FINAL_STATES else None
-        task = stored.record.task if stored else tasks_pb2.Task(task_id=task_id,
-                                                                state=stage.state)
-        result = task.result
-        task = shape(task, View.TASK_VIEW_BASIC)
-        task.result = result
+        stored = None
+        if stage.state in FINAL_STATES:
+            [stored] = self._tasks.get_many([TaskKey(tenant, task_id)], history=False)
+        if stored is None:
+            return tasks_pb2.WatchTaskResponse(stage=stage, task=tasks_pb2.Task(
+                task_id=task_id, state=stage.state))
+        task = stored.to_task(full=False)
+        task.result = stored.result
         return tasks_pb2.WatchTaskResponse(stage=stage, task=task)
 
 

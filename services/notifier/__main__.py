@@ -3,7 +3,7 @@
 from libs import service
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.session import close, connect
-from libs.cassandra.tasks import TaskStore
+from libs.cassandra.taskstate import TaskStateStore
 from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from libs.kafka.client import Consumer
@@ -15,7 +15,7 @@ from services.notifier.watch import Watchers
 
 def start(config: WeirConfig) -> service.Started:
     session = connect(config)
-    tasks = TaskStore(session, service="notifier")
+    tasks = TaskStateStore(session)
     watchers = Watchers()
     sender = WebhookSender(deliveries=DeliveryStore(session),
                            timeout_seconds=config.webhook_timeout_seconds,
@@ -23,16 +23,19 @@ def start(config: WeirConfig) -> service.Started:
     consumer = Consumer(bootstrap=config.kafka_bootstrap,
                         group_id=f"{config.topic_prefix}-notifiers", client_id="notifier",
                         topics=[results_topic(config.topic_prefix)])
+    started: list[service.Started] = []
     notifier = Notifier(consumer=consumer, tenants=TenantStore(session),
-                        functions=FunctionStore(session), sender=sender,
-                        watchers=watchers).start()
+                        functions=FunctionStore(session), sender=sender, watchers=watchers,
+                        on_death=lambda: started[0].fail())
     server = create_server(config, tasks=tasks, watchers=watchers)
 
     def drain() -> None:
         notifier.stop()
         sender.stop()
 
-    return service.Started(server=server, drain=drain, close=lambda: close(session))
+    started.append(service.Started(server=server, drain=drain, close=lambda: close(session)))
+    notifier.start()
+    return started[0]
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from weir.v1 import tasks_pb2
 from libs import webhooks
 from libs.cache import TtlCache
 from libs.cassandra.functions import FunctionStore
-from libs.cassandra.tasks import FINAL_STATES, now_utc
+from libs.cassandra.taskstate import FINAL_STATES, now_utc
 from libs.cassandra.tenants import TenantStore
 from libs.errors import excerpt
 from libs.kafka.client import Consumer, ConsumerLoop, Message
@@ -200,12 +200,14 @@ class Notifier:
     """
 
     def __init__(self, *, consumer: Consumer, tenants: TenantStore, functions: FunctionStore,
-                 sender: WebhookSender, watchers: Watchers, cache_seconds: float = 5.0) -> None:
+                 sender: WebhookSender, watchers: Watchers, cache_seconds: float = 5.0,
+                 on_death: Callable[[], None] = lambda: None) -> None:
         self._tenants = TtlCache(tenants.get_tenant, ttl=cache_seconds)
         self._functions = TtlCache(functions.get, ttl=cache_seconds)
         self._sender = sender
         self._watchers = watchers
-        self._loop = ConsumerLoop(consumer, self.handle, name="notifier")
+        self._loop = ConsumerLoop(consumer, self.handle, name="notifier",
+                                  on_death=lambda exc: on_death())
 
     def start(self) -> Notifier:
         self._loop.start()
@@ -215,17 +217,31 @@ class Notifier:
         self._loop.stop()
 
     def handle(self, message: Message) -> None:
+        """One record: the outcomes an owner flushed together. Acknowledged once every
+        delivery of every final outcome in it is done (or given up)."""
         try:
-            outcome = records_pb2.AttemptOutcome.FromString(message.value)
+            batch = records_pb2.AttemptOutcomeBatch.FromString(message.value)
         except DecodeError:
-            log.error("an outcome that cannot be parsed is skipped", extra={
+            log.error("an outcome record that cannot be parsed is skipped", extra={
                 "partition": message.partition, "offset": message.offset})
             message.ack()
             return
-        self._watchers.notify((outcome.tenant_id, outcome.task_id))
-        if outcome.state not in FINAL_STATES:
+        deliveries: list[Callable[[Callable[[], None]], None]] = []
+        for outcome in batch.outcomes:
+            self._watchers.notify((outcome.tenant_id, outcome.task_id))
+            if outcome.state in FINAL_STATES:
+                deliveries += self._deliveries(outcome)
+        if not deliveries:
             message.ack()
             return
+        # Nothing below raises: once handed out, every delivery calls done, the last acks.
+        pending = Countdown(len(deliveries), message.ack)
+        for deliver in deliveries:
+            deliver(pending.tick)
+
+    def _deliveries(self, outcome: records_pb2.AttemptOutcome
+                    ) -> list[Callable[[Callable[[], None]], None]]:
+        """The deliveries a final outcome needs, each to start with its done callback."""
         try:
             function = self._functions.get(outcome.tenant_id, outcome.function)
         except DecodeError:  # a corrupt record would fail forever: deliver the task's targets
@@ -236,26 +252,26 @@ class Notifier:
         urls = {t.webhook.url: dict(t.webhook.headers) for t in targets if t.HasField("webhook")}
         topics = {t.kafka.topic for t in targets if t.HasField("kafka")}
         if not urls and not topics:
-            message.ack()
-            return
+            return []
         tenant = self._tenants.get(outcome.tenant_id) if urls else None
         body = webhook_body(outcome)
         signature = sign(tenant.webhook_secret if tenant else b"", body)
-        # Nothing below raises: once handed out, every target calls done, and the last acks.
-        pending = Countdown(len(urls) + len(topics), message.ack)
+        tenant_id, task_id = outcome.tenant_id, outcome.task_id
+        deliveries: list[Callable[[Callable[[], None]], None]] = []
         for topic in topics:  # stored before they were refused at submission
-            self._sender.refuse(tenant_id=outcome.tenant_id, task_id=outcome.task_id,
-                                target=f"kafka:{topic}", error=webhooks.KAFKA_REFUSED,
-                                done=pending.tick)
+            deliveries.append(lambda done, t=topic: self._sender.refuse(
+                tenant_id=tenant_id, task_id=task_id, target=f"kafka:{t}",
+                error=webhooks.KAFKA_REFUSED, done=done))
         for url, headers in urls.items():
             bad_header = webhooks.header_violation(headers)
             if bad_header:
                 where, problem = bad_header
-                self._sender.refuse(tenant_id=outcome.tenant_id, task_id=outcome.task_id,
-                                    target=url, error=f"headers{where}: {problem}",
-                                    done=pending.tick)
+                deliveries.append(lambda done, u=url, e=f"headers{where}: {problem}":
+                                  self._sender.refuse(tenant_id=tenant_id, task_id=task_id,
+                                                      target=u, error=e, done=done))
                 continue
-            self._sender.send(tenant_id=outcome.tenant_id, task_id=outcome.task_id, url=url,
-                              headers={**headers, SIGNATURE_HEADER: signature,
-                                       "Weir-Task-Id": outcome.task_id},
-                              body=body, done=pending.tick)
+            deliveries.append(lambda done, u=url, h=headers: self._sender.send(
+                tenant_id=tenant_id, task_id=task_id, url=u,
+                headers={**h, SIGNATURE_HEADER: signature, "Weir-Task-Id": task_id},
+                body=body, done=done))
+        return deliveries

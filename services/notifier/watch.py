@@ -14,10 +14,19 @@ import threading
 from collections.abc import AsyncIterator, Callable
 
 from weir.storage.v1 import records_pb2
+from weir.v1 import tasks_pb2
 
-from libs.cassandra.tasks import FINAL_STATES, TaskStore
+from libs.cassandra.taskstate import FINAL_STATES, TaskKey, TaskStateStore
 
 Key = tuple[str, str]  # (tenant_id, task_id)
+
+
+def stages_reader(tasks: TaskStateStore) -> Callable[[str, str], list[tasks_pb2.TaskStage]]:
+    """A task's timeline from the store (empty for a task that does not exist)."""
+    def stages(tenant_id: str, task_id: str) -> list[tasks_pb2.TaskStage]:
+        stored = tasks.get(TaskKey(tenant_id, task_id))
+        return stored.stages() if stored else []
+    return stages
 
 
 class Watchers:
@@ -48,7 +57,8 @@ class Watchers:
             callback()
 
 
-async def watch(tasks: TaskStore, watchers: Watchers, tenant_id: str, task_id: str, *,
+async def watch(stages_of: Callable[[str, str], list[tasks_pb2.TaskStage]],
+                watchers: Watchers, tenant_id: str, task_id: str, *,
                 poll_seconds: float = 0.25) -> AsyncIterator[records_pb2.TaskEvent]:
     """The task's stages as events, oldest first, then each new one, until a final stage."""
     loop = asyncio.get_running_loop()
@@ -59,7 +69,7 @@ async def watch(tasks: TaskStore, watchers: Watchers, tenant_id: str, task_id: s
     try:
         while True:
             wake.clear()
-            for stage in await asyncio.to_thread(tasks.stages, tenant_id, task_id):
+            for stage in await asyncio.to_thread(stages_of, tenant_id, task_id):
                 mark = (stage.state, stage.time.seconds, stage.time.nanos)
                 if mark in sent:
                     continue

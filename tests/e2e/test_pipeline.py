@@ -9,7 +9,7 @@ import pytest
 from weir.v1 import common_pb2, tasks_pb2
 
 from libs import errors
-from libs.cassandra.tasks import TaskKey, TaskStore
+from libs.cassandra.taskstate import TaskKey, TaskStateStore
 from tests.helpers import eventually
 
 State = tasks_pb2.TaskState
@@ -69,7 +69,7 @@ def test_a_thousand_tasks_from_three_tenants_each_succeed_exactly_once(suite, ca
         list(pool.map(submit, range(3)))
     assert len(expected) == 1000
 
-    store = TaskStore(cassandra, service="test")
+    store = TaskStateStore(cassandra)
     keys = list(expected)
 
     def all_finished():
@@ -80,8 +80,8 @@ def test_a_thousand_tasks_from_three_tenants_each_succeed_exactly_once(suite, ca
 
     stored = eventually(all_finished, timeout=240, interval=1.0, message="1,000 tasks done")
     for key, item in zip(keys, stored, strict=True):
-        assert item.record.task.result == expected[key]
-        successes = [a for a in item.record.task.attempts
+        assert item.result == expected[key]
+        successes = [a for a in item.attempts()
                      if a.exit_reason == tasks_pb2.ExitReason.EXIT_REASON_RETURNED]
         assert len(successes) == 1
 

@@ -12,7 +12,7 @@ import pytest
 from weir.v1 import tasks_pb2
 
 from libs import errors
-from libs.cassandra.tasks import TaskKey, TaskStore
+from libs.cassandra.taskstate import TaskKey, TaskStateStore
 from libs.healthcheck import wait_until_serving
 from libs.sdk import Client
 from tests.helpers import eventually, free_port
@@ -21,7 +21,7 @@ from tests.suite import ROOT
 State = tasks_pb2.TaskState
 
 
-def all_succeeded(store: TaskStore, tenant_id: str, ids: list[str]):
+def all_succeeded(store: TaskStateStore, tenant_id: str, ids: list[str]):
     def check():
         stored = store.get_many(TaskKey(tenant_id, i) for i in ids)
         states = [s.state for s in stored]
@@ -32,7 +32,7 @@ def all_succeeded(store: TaskStore, tenant_id: str, ids: list[str]):
 
 def test_killing_the_executor_manager_mid_task_loses_nothing(suite, cassandra, tenant):
     tenant_id, api_key = tenant
-    store = TaskStore(cassandra, service="test")
+    store = TaskStateStore(cassandra)
     with suite.client(api_key) as client:
         ids = [client.create_task("sleep", b"2000").task_id for _ in range(6)]
 
@@ -48,17 +48,17 @@ def test_killing_the_executor_manager_mid_task_loses_nothing(suite, cassandra, t
                             message="every task done after the crash")
         print(f"\nexecutor-manager kill -9: all tasks done {time.monotonic() - killed:.1f}s "
               "after the kill")
-    lost = [a for s in stored for a in s.record.task.attempts
+    lost = [a for s in stored for a in s.attempts()
             if a.exit_reason == tasks_pb2.ExitReason.EXIT_REASON_LEASE_LOST]
     assert lost, "the killed attempts are kept in the history"
     for s in stored:
         assert sum(a.exit_reason == tasks_pb2.ExitReason.EXIT_REASON_RETURNED
-                   for a in s.record.task.attempts) == 1
+                   for a in s.attempts()) == 1
 
 
 def test_killing_the_dispatcher_loses_nothing(suite, cassandra, tenant):
     tenant_id, api_key = tenant
-    store = TaskStore(cassandra, service="test")
+    store = TaskStateStore(cassandra)
     with suite.client(api_key) as client:
         ids = [r.task.task_id for r in client.create_tasks(
             [{"function": "sleep", "payload": b"200"} for _ in range(30)])]
@@ -91,7 +91,7 @@ def test_a_gateway_dying_between_store_and_produce_loses_no_stored_task(suite, c
     finally:
         if faulty.poll() is None:
             faulty.kill()
-    store = TaskStore(cassandra, service="test")
+    store = TaskStateStore(cassandra)
     eventually(all_succeeded(store, tenant_id, ["crash-between-store-and-produce"]),
                timeout=60, interval=0.5, message="the stored task ran")
     print(f"\ngateway crash after store: the task done {time.monotonic() - crashed:.1f}s "

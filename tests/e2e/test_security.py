@@ -84,8 +84,8 @@ def test_watch_streams_are_capped_per_tenant_and_hold_no_thread_others_need(
         streams = [gateway.WatchTask(request, metadata=auth(api_key), timeout=120)
                    for _ in range(suite.config.max_streams_per_tenant)]
         try:
-            for watch in streams:  # each is open: it has sent the SCHEDULED stage
-                assert next(watch).stage.state == State.TASK_STATE_SCHEDULED
+            for watch in streams:  # each is open: it has sent the first stage
+                assert next(watch).stage.state == State.TASK_STATE_ACCEPTED
             refused = failure(lambda: next(gateway.WatchTask(
                 request, metadata=auth(api_key), timeout=10)))
             assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -105,7 +105,7 @@ def test_watch_streams_are_capped_per_tenant_and_hold_no_thread_others_need(
         # Closed streams give their places back.
         eventually(lambda: next(gateway.WatchTask(request, metadata=auth(api_key),
                                                   timeout=10)).stage.state
-                   == State.TASK_STATE_SCHEDULED, timeout=10)
+                   == State.TASK_STATE_ACCEPTED, timeout=10)
 
 
 def test_a_forged_or_foreign_page_token_is_refused_at_once(suite, tenant, tenant_factory):

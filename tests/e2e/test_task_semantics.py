@@ -13,8 +13,7 @@ from weir.internal.executor_manager.v1 import executor_manager_pb2, executor_man
 from weir.v1 import common_pb2, tasks_pb2
 
 from libs import errors
-from libs.cassandra.tasks import FINAL_STATES as FINAL, TaskKey, TaskStore
-from libs.cassandra.timers import SHARDS, TimerStore, minute_of
+from libs.cassandra.taskstate import FINAL_STATES as FINAL, TaskKey, TaskStateStore
 from tests.helpers import eventually, unique
 
 State = tasks_pb2.TaskState
@@ -180,7 +179,7 @@ def test_a_zombie_executors_late_result_is_rejected(suite, cassandra, tenant):
     """An executor frozen mid-attempt (SIGSTOP) loses its lease; the task runs elsewhere; when
     the zombie thaws, its result is fenced out: exactly one success is recorded."""
     tenant_id, api_key = tenant
-    store = TaskStore(cassandra, service="test")
+    store = TaskStateStore(cassandra)
     suite.launch("executor_manager_2", module="executor_manager")
     suite.wait_serving("executor_manager_2")
     frozen = None
@@ -192,9 +191,9 @@ def test_a_zombie_executors_late_result_is_rejected(suite, cassandra, tenant):
             task = client.create_task(name, b"4000")
             eventually(lambda: client.get_task(task.task_id).state == State.TASK_STATE_RUNNING,
                        timeout=60, message="the task running")
-            address = store.get(tenant_id, task.task_id).executor_address
+            executor = store.get(TaskKey(tenant_id, task.task_id)).status.executor_id
             frozen = next(n for n in ("executor_manager", "executor_manager_2")
-                          if suite.address(n) == address)
+                          if suite.address(n) == executor)
             suite.pause(frozen)
             done = wait(client, task.task_id, timeout=60)
             suite.resume(frozen)
@@ -263,17 +262,23 @@ def test_delayed_tasks_fire_on_time_across_a_dispatcher_restart(suite, tenant):
 
 
 def test_a_timer_cursor_ahead_of_time_skips_no_timer(suite, cassandra, tenant):
-    """Whatever moves a shard's cursor too far (a bug, a clock), timers due now still fire."""
+    """Whatever moves a partition's timer cursor too far (a bug, a clock), timers due now
+    still fire after the partitions are taken over."""
     _, api_key = tenant
-    timers = TimerStore(cassandra)
-    ahead = minute_of(datetime.now(UTC)) + timedelta(minutes=5)
-    for shard in range(SHARDS):
-        timers.advance(shard, ahead)
     with suite.client(api_key) as client:
-        # Due after the dispatcher has re-read the cursors (every 10 s); spread over the shards.
-        created = [client.create_task("echo", b"cursor", delay=timedelta(seconds=11))
+        created = [client.create_task("echo", b"cursor", delay=timedelta(seconds=8))
                    for _ in range(8)]
-        done = [wait(client, t.task_id, timeout=60) for t in created]
+        ahead = datetime.now(UTC).replace(second=0, microsecond=0) + timedelta(minutes=5)
+        suite.kill("dispatcher")
+        forever = int((datetime.now(UTC) + timedelta(days=1)).timestamp() * 1e6)
+        for topic in {r.topic for r in cassandra.execute("SELECT topic FROM partition_owners")}:
+            for row in cassandra.execute(
+                    "SELECT partition FROM partition_owners WHERE topic = %s", (topic,)):
+                cassandra.execute("UPDATE partition_owners USING TIMESTAMP %s SET timer_minute "
+                                  "= %s WHERE topic = %s AND partition = %s",
+                                  (forever, ahead, topic, row.partition))
+        suite.restart("dispatcher")
+        done = [wait(client, t.task_id, timeout=90) for t in created]
     assert all(t.state == State.TASK_STATE_SUCCEEDED for t in done)
 
 
@@ -354,7 +359,7 @@ def test_cancelling_a_queued_task_ends_it_without_running(suite, tenant):
 def test_a_paused_function_holds_a_thousand_tasks_and_resume_runs_them_all(suite, cassandra,
                                                                            tenant):
     tenant_id, api_key = tenant
-    store = TaskStore(cassandra, service="test")
+    store = TaskStateStore(cassandra)
     with suite.client(api_key) as client:
         function = register(client, "strict")
         assert client.pause_function(function).state == 2  # FUNCTION_STATE_PAUSED
@@ -387,7 +392,7 @@ def test_batch_cancel_of_ten_thousand_tasks_while_another_tenant_keeps_flowing(
         suite, cassandra, tenant_factory):
     tenant_id, api_key = tenant_factory()
     _, other_key = tenant_factory()
-    store = TaskStore(cassandra, service="test")
+    store = TaskStateStore(cassandra)
     with suite.client(api_key) as client, suite.client(other_key) as other:
         ids = []
         for _ in range(10):
@@ -410,13 +415,21 @@ def test_batch_cancel_of_ten_thousand_tasks_while_another_tenant_keeps_flowing(
     assert finished.matched_count == finished.processed_count == 10_000
     assert finished.failed_count == 0
     assert flowing and all(t.state == State.TASK_STATE_SUCCEEDED for t in flowing)
-    states = {s.state for s in store.get_many(TaskKey(tenant_id, i) for i in ids)}
-    assert states == {State.TASK_STATE_CANCELLED}
+
+    def all_cancelled() -> bool:  # the owners apply the cancels after the operation sent them
+        states = set()
+        for start in range(0, len(ids), 500):
+            states |= {s.state for s in store.get_many(
+                (TaskKey(tenant_id, i) for i in ids[start:start + 500]), history=False)}
+        assert states == {State.TASK_STATE_CANCELLED}, states
+        return True
+
+    eventually(all_cancelled, timeout=60, interval=1.0, message="every task cancelled")
 
 
 def test_a_batch_operation_survives_its_gateway_being_killed(suite, cassandra, tenant):
     tenant_id, api_key = tenant
-    store = TaskStore(cassandra, service="test")
+    store = TaskStateStore(cassandra)
     with suite.client(api_key) as client:
         ids = [r.task.task_id for r in client.create_tasks(
             {"function": "echo", "schedule_time": _in(timedelta(hours=1))} for _ in range(2000))]
@@ -430,8 +443,14 @@ def test_a_batch_operation_survives_its_gateway_being_killed(suite, cassandra, t
     assert finished.state == 3, finished.error  # SUCCEEDED
     assert finished.failed_count == 0
     assert finished.processed_count >= 2000  # a few after the last checkpoint are redone
-    states = {s.state for s in store.get_many(TaskKey(tenant_id, i) for i in ids)}
-    assert states == {State.TASK_STATE_CANCELLED}
+
+    def all_cancelled() -> bool:  # the owners apply the cancels after the operation sent them
+        states = {s.state for s in store.get_many(
+            (TaskKey(tenant_id, i) for i in ids), history=False)}
+        assert states == {State.TASK_STATE_CANCELLED}, states
+        return True
+
+    eventually(all_cancelled, timeout=60, interval=1.0, message="every task cancelled")
 
 
 def test_batch_delete_removes_the_matching_tasks_and_keeps_their_ids_claimed(suite, tenant):

@@ -20,6 +20,7 @@ WORKERS = 2
 class Failing(tasks_pb2_grpc.TaskServiceServicer):
     def __init__(self) -> None:
         self.stopped_waiting = threading.Event()
+        self.waiting = threading.Event()
 
     def GetTask(self, request, context):
         if request.task_id == "bad":
@@ -27,6 +28,7 @@ class Failing(tasks_pb2_grpc.TaskServiceServicer):
         if request.task_id == "fine":
             return tasks_pb2.Task(task_id="fine")
         if request.task_id == "wait":  # a long scan: steps until its caller is gone
+            self.waiting.set()
             while current_call().active():
                 threading.Event().wait(0.01)
             self.stopped_waiting.set()
@@ -103,6 +105,7 @@ def test_an_rpc_not_built_yet_is_unimplemented_by_name(stub):
 
 def test_a_blocking_handler_learns_that_its_caller_left(stub, implementation):
     future = stub.GetTask.future(tasks_pb2.GetTaskRequest(task_id="wait"))
+    assert implementation.waiting.wait(5)
     future.cancel()
     assert implementation.stopped_waiting.wait(5)
 

@@ -167,7 +167,7 @@ def test_an_outcome_with_refused_targets_is_acknowledged_once_all_are_recorded(a
                common_pb2.ResultTarget(webhook=common_pb2.WebhookTarget(url=answering.url))]
     outcome = records_pb2.AttemptOutcome(tenant_id="t", task_id="task", function="echo",
                                          state=tasks_pb2.TaskState.TASK_STATE_SUCCEEDED)
-    message = Message(outcome.SerializeToString())
+    message = Message(records_pb2.AttemptOutcomeBatch(outcomes=[outcome]).SerializeToString())
     try:
         notifier(s, *targets).handle(message)
         eventually(lambda: message.acks == 1, timeout=10, message="the outcome acknowledged")

@@ -1,0 +1,340 @@
+"""The partition owner's decisions, without I/O: what it dispatches, writes and when."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import code_pb2, status_pb2
+from weir.internal.dispatcher.v1 import dispatcher_pb2
+from weir.storage.v1 import records_pb2
+from weir.v1 import common_pb2, functions_pb2, tasks_pb2
+
+from libs.cassandra.owners import Ownership, TimestampRange
+from libs.cassandra.taskstate import StoredTask, TaskKey, timestamp_of
+from services.dispatcher.owner import Owner, RecordAck
+
+State = tasks_pb2.TaskState
+Exit = tasks_pb2.ExitReason
+PARTITION = ("weir.tasks.normal", 3)
+ECHO = functions_pb2.Function(name="echo", handler="examples.demo:echo",
+                              state=functions_pb2.FunctionState.FUNCTION_STATE_ACTIVE)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def owner(clock: Clock) -> Owner:
+    owner = Owner(lease=timedelta(seconds=30), dispatcher_id="d1", clock=clock)
+    now = int(datetime.now(UTC).timestamp() * 1e6)
+    owner.own(Ownership(*PARTITION, epoch=2, range_start=now, range_end=now + 60_000_000,
+                        timer_minute=None), replay_below=0)
+    owner.adopted(PARTITION)
+    return owner
+
+
+def message(task_id: str, **fields) -> records_pb2.TaskMessage:
+    created = timestamp_of(datetime.now(UTC) - timedelta(seconds=1))
+    fields.setdefault("function", "echo")
+    return records_pb2.TaskMessage(tenant_id="t1", task_id=task_id, payload=b"p",
+                                   attempt_number=1, create_time=created, **fields)
+
+
+class Acks:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def record(self, tasks: int = 1) -> RecordAck:
+        def acked() -> None:
+            self.count += 1
+        return RecordAck(acked, tasks)
+
+
+def connect(owner: Owner, credits: int) -> int:
+    owner.connect(1, "em-1", lambda: None)
+    owner.work(1, dispatcher_pb2.WorkRequest(executor_id="em-1", credits=credits))
+    return 1
+
+
+def assignments(owner: Owner) -> list[dispatcher_pb2.Assignment]:
+    response = owner.next_response(1)
+    return list(response.assignments) if response else []
+
+
+def report(owner: Owner, assignment: dispatcher_pb2.Assignment, *, ok: bool = True,
+           error_class: int = common_pb2.ErrorClass.ERROR_CLASS_RETRYABLE) -> None:
+    now = timestamp_of(datetime.now(UTC))
+    done = dispatcher_pb2.AttemptReport(
+        attempt_id=assignment.attempt_id, topic=assignment.topic,
+        partition=assignment.partition, start_time=now, end_time=now, result=b"r",
+        exit_reason=Exit.EXIT_REASON_RETURNED if ok else Exit.EXIT_REASON_RAISED)
+    if not ok:
+        done.status.CopyFrom(status_pb2.Status(code=code_pb2.UNAVAILABLE, message="boom"))
+        done.error_class = error_class
+    owner.work(1, dispatcher_pb2.WorkRequest(reports=[done]))
+
+
+def test_a_fresh_task_waits_for_credit_then_goes_out_and_its_record_acks_once_written(owner):
+    acks = Acks()
+    owner.take(PARTITION, message("a"), ECHO, acks.record())
+    assert owner.collect().writes == []  # nothing durable yet: the record is not acked
+    connect(owner, credits=1)
+    [assignment] = assignments(owner)
+    assert assignment.task.task_id == "a" and assignment.handler == "examples.demo:echo"
+    batch = owner.collect()
+    [write] = batch.writes
+    assert write.state == State.TASK_STATE_DISPATCHED
+    assert [s.state for s in write.history.stages] == [State.TASK_STATE_DISPATCHED]
+    assert batch.inflight  # listed for a next owner to adopt
+    assert acks.count == 0
+    owner.flushed(batch)
+    assert acks.count == 1
+
+
+def test_a_short_task_is_one_write_from_dispatch_to_success(owner):
+    owner.take(PARTITION, message("a"), ECHO, Acks().record())
+    connect(owner, credits=1)
+    [assignment] = assignments(owner)
+    report(owner, assignment)
+    batch = owner.collect()
+    [write] = batch.writes
+    assert write.state == State.TASK_STATE_SUCCEEDED and write.result == b"r"
+    assert [s.state for s in write.history.stages] == [
+        State.TASK_STATE_DISPATCHED, State.TASK_STATE_RUNNING, State.TASK_STATE_SUCCEEDED]
+    assert [o.state for o in batch.outcomes] == [State.TASK_STATE_SUCCEEDED]
+    owner.flushed(batch)
+    assert owner.stats()["held"] == 0
+
+
+def test_writes_of_one_task_carry_increasing_timestamps_above_its_creation(owner):
+    created = message("a")
+    owner.take(PARTITION, created, ECHO, Acks().record())
+    connect(owner, credits=1)
+    [assignment] = assignments(owner)
+    first = owner.collect().writes[0].timestamp
+    report(owner, assignment)
+    second = owner.collect().writes[0].timestamp
+    assert created.create_time.ToMicroseconds() < first < second
+
+
+def test_a_retryable_failure_waits_for_its_timer_and_a_non_retryable_one_fails(owner):
+    owner.take(PARTITION, message("a"), ECHO, Acks().record())
+    owner.take(PARTITION, message("b"), ECHO, Acks().record())
+    connect(owner, credits=2)
+    first, second = assignments(owner)
+    report(owner, first, ok=False)
+    report(owner, second, ok=False,
+           error_class=common_pb2.ErrorClass.ERROR_CLASS_NON_RETRYABLE)
+    batch = owner.collect()
+    states = {w.key.task_id: w.state for w in batch.writes}
+    assert states == {"a": State.TASK_STATE_RETRY_WAIT, "b": State.TASK_STATE_FAILED}
+    [timer] = batch.timers[PARTITION]
+    assert timer.task_id == "a" and timer.kind == records_pb2.TimerKind.TIMER_KIND_RUN
+    assert [d.spec.task.task_id for d in batch.dead_letters] == ["b"]
+
+
+def test_a_report_of_an_attempt_the_owner_does_not_hold_is_stale(owner):
+    connect(owner, credits=1)
+    owner.next_response(1)
+    owner.work(1, dispatcher_pb2.WorkRequest(reports=[dispatcher_pb2.AttemptReport(
+        attempt_id=f"{PARTITION[0]}/{PARTITION[1]}/1/99", topic=PARTITION[0],
+        partition=PARTITION[1], end_time=timestamp_of(datetime.now(UTC)))]))
+    response = owner.next_response(1)
+    assert list(response.stale) == [f"{PARTITION[0]}/{PARTITION[1]}/1/99"]
+    assert owner.collect().writes == []
+
+
+def test_a_report_for_a_partition_it_does_not_own_is_moved(owner):
+    connect(owner, credits=1)
+    owner.next_response(1)
+    owner.work(1, dispatcher_pb2.WorkRequest(renew=["weir.tasks.low/0/4/7"]))
+    assert list(owner.next_response(1).moved) == ["weir.tasks.low/0/4/7"]
+
+
+def test_a_lease_that_runs_out_is_retried_as_lease_lost(owner, clock):
+    owner.take(PARTITION, message("a"), ECHO, Acks().record())
+    connect(owner, credits=1)
+    assignments(owner)
+    owner.flushed(owner.collect())
+    clock.now += 31
+    owner.tick()
+    [write] = owner.collect().writes
+    assert write.state == State.TASK_STATE_RETRY_WAIT
+    [attempt] = write.history.attempts
+    assert attempt.exit_reason == Exit.EXIT_REASON_LEASE_LOST
+
+
+def test_renewals_keep_a_long_attempt_out(owner, clock):
+    owner.take(PARTITION, message("a"), ECHO, Acks().record())
+    connect(owner, credits=1)
+    [assignment] = assignments(owner)
+    owner.flushed(owner.collect())
+    for _ in range(5):
+        clock.now += 20
+        owner.work(1, dispatcher_pb2.WorkRequest(renew=[assignment.attempt_id]))
+        owner.tick()
+    assert owner.stats()["out"] == 1
+
+
+def test_cancelling_an_attempt_out_tells_its_executor_and_ends_the_task(owner):
+    owner.take(PARTITION, message("a"), ECHO, Acks().record())
+    connect(owner, credits=1)
+    [assignment] = assignments(owner)
+    owner.take(PARTITION, message("a", kind=records_pb2.MessageKind.MESSAGE_KIND_CANCEL,
+                                  reason="no longer needed"), ECHO, Acks().record())
+    assert list(owner.next_response(1).cancel) == [assignment.attempt_id]
+    [write] = owner.collect().writes
+    assert write.state == State.TASK_STATE_CANCELLED
+    assert write.history.attempts[-1].exit_reason == Exit.EXIT_REASON_CANCELLED
+    report(owner, assignment)  # its late result changes nothing
+    assert list(owner.next_response(1).stale) == [assignment.attempt_id]
+    assert owner.collect().writes == []
+
+
+def test_a_cancelled_waiting_task_never_goes_out(owner):
+    owner.take(PARTITION, message("a"), ECHO, Acks().record())
+    owner.take(PARTITION, message("a", kind=records_pb2.MessageKind.MESSAGE_KIND_CANCEL),
+               ECHO, Acks().record())
+    connect(owner, credits=5)
+    assert assignments(owner) == []
+    [write] = owner.collect().writes
+    assert write.state == State.TASK_STATE_CANCELLED
+
+
+def test_a_paused_functions_task_is_parked(owner):
+    paused = functions_pb2.Function()
+    paused.CopyFrom(ECHO)
+    paused.state = functions_pb2.FunctionState.FUNCTION_STATE_PAUSED
+    owner.take(PARTITION, message("a"), paused, Acks().record())
+    connect(owner, credits=5)
+    assert assignments(owner) == []
+    batch = owner.collect()
+    assert [m.task_id for _, m in batch.parked] == ["a"]
+    assert batch.writes[0].status.parked
+
+
+def test_an_expired_task_ends_expired_without_going_out(owner):
+    expired = message("a", expire_time=timestamp_of(datetime.now(UTC) - timedelta(seconds=1)))
+    owner.take(PARTITION, expired, ECHO, Acks().record())
+    connect(owner, credits=5)
+    assert assignments(owner) == []
+    assert owner.collect().writes[0].state == State.TASK_STATE_EXPIRED
+
+
+def test_a_scheduled_task_writes_only_its_timer(owner):
+    later = message("a", schedule_time=timestamp_of(datetime.now(UTC) + timedelta(hours=1)))
+    acks = Acks()
+    owner.take(PARTITION, later, ECHO, acks.record())
+    batch = owner.collect()
+    assert batch.writes == []
+    assert [t.task_id for t in batch.timers[PARTITION]] == ["a"]
+    owner.flushed(batch)
+    assert acks.count == 1 and owner.stats()["held"] == 0
+
+
+def test_a_due_timer_queues_the_task_again_with_its_next_attempt(owner):
+    due = datetime.now(UTC).replace(microsecond=0)
+    spec = records_pb2.TaskSpec(tenant_id="t1", topic=PARTITION[0], partition=PARTITION[1])
+    spec.task.task_id, spec.task.function, spec.task.payload = "a", "echo", b"p"
+    stored = StoredTask(spec=spec, state=State.TASK_STATE_RETRY_WAIT,
+                        status=records_pb2.TaskStatus(attempt_count=1,
+                                                      next_run_time=timestamp_of(due)))
+    from libs.cassandra.partition_index import Timer
+    owner.fire(PARTITION, Timer("t1", "a", due, records_pb2.TimerKind.TIMER_KIND_RUN), stored,
+               ECHO)
+    connect(owner, credits=1)
+    [assignment] = assignments(owner)
+    assert assignment.task.attempt_number == 2
+    stale = Timer("t1", "a", due + timedelta(seconds=5), records_pb2.TimerKind.TIMER_KIND_RUN)
+    owner.fire(PARTITION, stale, stored, ECHO)  # held already: nothing
+    assert owner.stats()["held"] == 1
+
+
+def test_a_disowned_partition_is_forgotten_and_its_reports_move(owner):
+    owner.take(PARTITION, message("a"), ECHO, Acks().record())
+    connect(owner, credits=1)
+    [assignment] = assignments(owner)
+    owner.disown(PARTITION)
+    assert owner.stats() == {"held": 0, "ready": 0, "out": 0, "dirty": 0, "partitions": 0}
+    report(owner, assignment)
+    response = owner.next_response(1)
+    assert list(response.moved) == [assignment.attempt_id]
+    assert response.owned_changed and list(response.owned) == []
+
+
+def test_a_ranges_timestamps_never_pass_its_end():
+    ownership = Ownership("t", 0, 1, range_start=100, range_end=105, timer_minute=None)
+    now = [0]
+    stamps = TimestampRange(ownership, clock=lambda: now[0])
+    assert [stamps.next() for _ in range(5)] == [100, 101, 102, 103, 104]
+    with pytest.raises(TimestampRange.Exhausted):
+        stamps.next()
+    stamps.extend(Ownership("t", 0, 1, range_start=100, range_end=200, timer_minute=None))
+    now[0] = 150
+    assert stamps.next(floor=170) == 171
+
+
+def test_higher_tiers_go_out_first_and_partitions_take_turns(owner):
+    other = ("weir.tasks.normal", 4)
+    now = int(datetime.now(UTC).timestamp() * 1e6)
+    owner.own(Ownership(*other, epoch=1, range_start=now, range_end=now + 60_000_000,
+                        timer_minute=None), replay_below=0)
+    owner.adopted(other)
+    for i in range(3):
+        owner.take(PARTITION, message(f"p{i}", priority=common_pb2.Priority.PRIORITY_LOW),
+                   ECHO, Acks().record())
+        owner.take(other, message(f"q{i}"), ECHO, Acks().record())
+    owner.take(PARTITION, message("urgent", priority=common_pb2.Priority.PRIORITY_HIGH),
+               ECHO, Acks().record())
+    connect(owner, credits=7)
+    order = [a.task.task_id for a in assignments(owner)]
+    assert order[0] == "urgent"
+    assert set(order[1:4]) == {"q0", "q1", "q2"} and order[4:] == ["p0", "p1", "p2"]
+
+
+def test_outcomes_and_assignments_carry_the_tasks_timeout_and_targets(owner):
+    slow = functions_pb2.Function()
+    slow.CopyFrom(ECHO)
+    slow.timeout.CopyFrom(Duration(seconds=5))
+    slow.worker_concurrency = 3
+    owner.take(PARTITION, message("a"), slow, Acks().record())
+    connect(owner, credits=1)
+    [assignment] = assignments(owner)
+    assert assignment.timeout.seconds == 5 and assignment.worker_concurrency == 3
+    assert TaskKey("t1", "a") in {w.key for w in owner.collect().writes}
+
+
+def test_a_functions_concurrency_cap_holds_its_tasks_until_an_attempt_ends(owner):
+    capped = functions_pb2.Function()
+    capped.CopyFrom(ECHO)
+    capped.rate_limits.max_concurrent_dispatches = 1
+    for name in ("a", "b"):
+        owner.take(PARTITION, message(name), capped, Acks().record())
+    owner.take(PARTITION, message("other", function="echo2"), ECHO, Acks().record())
+    connect(owner, credits=5)
+    first = assignments(owner)
+    assert sorted(a.task.task_id for a in first) == ["a", "other"]
+    report(owner, next(a for a in first if a.task.task_id == "a"))
+    assert [a.task.task_id for a in assignments(owner)] == ["b"]
+
+
+def test_a_record_of_a_partition_not_adopted_yet_is_not_taken(owner):
+    other = ("weir.tasks.normal", 9)
+    now = int(datetime.now(UTC).timestamp() * 1e6)
+    owner.own(Ownership(*other, epoch=1, range_start=now, range_end=now + 60_000_000,
+                        timer_minute=None), replay_below=0)
+    assert not owner.take(other, message("a"), ECHO, Acks().record())
+    owner.adopted(other)
+    assert owner.take(other, message("a"), ECHO, Acks().record())
