@@ -112,9 +112,18 @@ class _Rebalance(ConsumerRebalanceListener):
         self._consumer._forget(revoked)
         self._consumer.on_revoked(set(revoked))
 
+    def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        # Evicted (a session that ran out): others may have had the partitions since, so the
+        # next assignment starts from the group's committed offsets, not from what this
+        # member remembers.
+        self._consumer._forget(lost)
+        self._consumer._unacked_from = {}
+        self._consumer.on_revoked(set(lost))
+
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("partitions assigned", extra={"partitions": [f"{tp.topic}/{tp.partition}"
                                                               for tp in assigned]})
+        self._consumer._rewind_retained(assigned)
         self._consumer.on_assigned(set(assigned))
 
 
@@ -141,6 +150,7 @@ class Consumer:
         self._trackers: dict[TopicPartition, PartitionAckTracker] = {}
         self._committed: dict[TopicPartition, int] = {}
         self._rewinds: set[TopicPartition] = set()
+        self._unacked_from: dict[TopicPartition, int] = {}  # of partitions just revoked
         self._lock = threading.Lock()
 
     def _await_partitions(self, topics: Sequence[str], *, timeout_seconds: float) -> None:
@@ -236,9 +246,24 @@ class Consumer:
             self._consumer.seek(tp, offset)
 
     def _forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """A revoked partition: what was read and not acknowledged must be read again, by
+        whichever member gets it next — this one too."""
         for tp in partitions:
-            self._trackers.pop(tp, None)
+            tracker = self._trackers.pop(tp, None)
+            if tracker is not None:
+                self._unacked_from[tp] = tracker.commit_offset()
             self._committed.pop(tp, None)
+
+    def _rewind_retained(self, assigned: set[TopicPartition]) -> None:
+        """kafka-python keeps a partition's fetch position when a rebalance gives it back to
+        the same member, past records it read and never acknowledged (their handler dropped
+        them at the revocation): back to the lowest of those. A seek only sets the position,
+        so it is safe on the IO thread, and it discards records already fetched."""
+        for tp in assigned:
+            offset = self._unacked_from.get(tp)
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+        self._unacked_from = {}
 
 
 class ConsumerLoop:

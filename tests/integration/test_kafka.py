@@ -93,3 +93,37 @@ def test_a_nacked_message_is_delivered_again(suite_config, topic, producer):
         assert list(consumer.commit().values()) == [4]
     finally:
         consumer.close()
+
+
+def test_a_rebalance_that_gives_a_partition_back_redelivers_what_was_not_acked(
+        suite_config, producer):
+    """kafka-python keeps the fetch position of a partition a rebalance leaves with the same
+    member; what that member read and had not acknowledged (its handler dropped it at the
+    revocation) must come again — to it, or to the member that gets the partition."""
+    topic = unique("it-topic").replace("_", "-")
+    ensure_topics(bootstrap=suite_config.kafka_bootstrap, specs=[TopicSpec(topic, 2)],
+                  replication_factor=1)
+    producer.send_all(Record(topic, f"p{p}-{i}".encode(), partition=p)
+                      for p in (0, 1) for i in range(4))
+    group = unique("g")
+    first = consumer_for(suite_config, topic, group)
+    second = None
+    try:
+        for m in receive(first, 8):
+            if m.offset != 2:  # offset 2 of each partition is in hand at the rebalance
+                m.ack()
+        second = consumer_for(suite_config, topic, group)
+        again: dict[int, list[int]] = {0: [], 1: []}
+
+        def both_redelivered() -> bool:
+            for consumer in (first, second):
+                for m in consumer.poll(0.3):
+                    again[m.partition].append(m.offset)
+            return all(2 in offsets for offsets in again.values())
+
+        eventually(both_redelivered, timeout=60, message="offset 2 of each partition again")
+        assert all(min(offsets) == 2 for offsets in again.values()), again
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
