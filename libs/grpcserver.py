@@ -37,12 +37,20 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import cassandra
 import grpc
+import kafka.errors
+from cassandra.cluster import NoHostAvailable
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from libs import tls
-from libs.errors import PermissionDenied, Unauthenticated, Unimplemented, WeirError
+from libs.errors import PermissionDenied, Unauthenticated, Unavailable, Unimplemented, WeirError
+
+# An engine down or overloaded: the caller may retry the same request (UNAVAILABLE).
+ENGINE_OUTAGES = (NoHostAvailable, cassandra.OperationTimedOut, cassandra.Unavailable,
+                  cassandra.Timeout, kafka.errors.KafkaTimeoutError,
+                  kafka.errors.BrokerNotAvailableError)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -227,6 +235,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(status.code, status.details, status.trailing_metadata)
             if isinstance(exc, grpc.aio.AbortError):
                 raise exc  # a servicer called context.abort itself: its status stands
+            if isinstance(exc, ENGINE_OUTAGES):
+                log.warning("an engine is unreachable in %s: %s", method, exc)
+                outage = Unavailable("Kafka or Cassandra is unreachable for now; retry",
+                                     reason="ENGINE_UNAVAILABLE").to_status()
+                await context.abort(outage.code, outage.details, outage.trailing_metadata)
             ref = uuid.uuid4().hex[:12]
             log.error("unhandled error in %s", method, exc_info=exc, extra={"error_ref": ref})
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (ref {ref})")
@@ -256,7 +269,7 @@ class PeerAuthorizer(grpc.aio.ServerInterceptor):
     """Admits a call only from the Weir identities allowed to make it.
 
     ``callers`` maps a service (``weir.internal.router.v1.RouterService``) or a method
-    (``/weir.internal.executor_manager.v1.ExecutorService/Dispatch``) to the identities
+    (``/weir.internal.executor_manager.v1.ExecutorService/GetLoad``) to the identities
     (`libs.tls.IDENTITIES`) that may call it; the operator may call everything, and every
     authenticated peer may use health and reflection. Anything not listed is refused.
     """
@@ -375,8 +388,11 @@ def create_server(*, host: str, port: int, servicers: Iterable[Servicer], worker
     thread.start()
 
     async def start() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+        options: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
+        if credentials is not None:
+            options += tls.MESSAGE_LIMITS
         server = grpc.aio.server(interceptors=chain, maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS,
-                                 options=[("grpc.so_reuseport", 0)])
+                                 options=options)
         for s in servicers:
             s.add(server)
         health_servicer = health.aio.HealthServicer()

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from libs import config as weir_config
+from libs import batching, config as weir_config
 
 DOMAIN = "weir.internal"
 SERVICES = ("gateway", "router", "dispatcher", "executor-manager", "notifier")
@@ -37,6 +37,9 @@ OPERATOR = "operator"
 IDENTITIES = (*SERVICES, OPERATOR)
 PAGE_TOKEN_KEY = "page-token.key"
 ROOT = Path(__file__).resolve().parents[1]
+# Internal streams carry batches (libs.batching splits them well below this).
+MESSAGE_LIMITS = [("grpc.max_receive_message_length", batching.MAX_MESSAGE_BYTES),
+                  ("grpc.max_send_message_length", batching.MAX_MESSAGE_BYTES)]
 VALIDITY = dt.timedelta(days=3650)
 
 
@@ -107,7 +110,8 @@ class Credentials:
         # reconnect backoff grows to two minutes, long enough to idle an executor.
         return [("grpc.ssl_target_name_override", dns_name(peer)),
                 ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 2000)]
+                ("grpc.max_reconnect_backoff_ms", 2000),
+                *MESSAGE_LIMITS]
 
     def _channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(root_certificates=self.ca,

@@ -157,7 +157,6 @@ launch_cassandra() {
     -Dlogback.configurationFile="$HERE/cassandra/logback.xml"
     -Dcassandra-foreground=yes
     -Dcassandra.skip_wait_for_gossip_to_settle=0
-    -Dcassandra.unsafesystem=true
     -Djna.tmpdir="$dir/tmp" -Djava.io.tmpdir="$dir/tmp"
   )
   setsid nohup "$java" "${opts[@]}" -cp "$lib/*" org.apache.cassandra.service.CassandraDaemon \

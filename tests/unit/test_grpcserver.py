@@ -8,6 +8,7 @@ import threading
 
 import grpc
 import pytest
+from cassandra.cluster import NoHostAvailable
 from weir.v1 import tasks_pb2, tasks_pb2_grpc
 
 from libs import errors
@@ -27,6 +28,8 @@ class Failing(tasks_pb2_grpc.TaskServiceServicer):
             raise errors.InvalidArgument({"task_id": "must not be 'bad'"})
         if request.task_id == "fine":
             return tasks_pb2.Task(task_id="fine")
+        if request.task_id == "engine-down":  # what the Cassandra driver raises then
+            raise NoHostAvailable("Unable to complete the operation against any hosts", {})
         if request.task_id == "wait":  # a long scan: steps until its caller is gone
             self.waiting.set()
             while current_call().active():
@@ -79,6 +82,14 @@ def test_an_unexpected_exception_is_internal_and_its_message_is_masked(stub):
     assert error.code() == grpc.StatusCode.INTERNAL
     assert "internal error (ref " in error.details()
     assert "password" not in error.details()
+
+
+def test_an_engine_outage_is_unavailable_so_the_caller_retries(stub):
+    error = call_error(lambda: stub.GetTask(tasks_pb2.GetTaskRequest(task_id="engine-down"),
+                                            timeout=5))
+    typed = errors.from_rpc_error(error)
+    assert isinstance(typed, errors.Unavailable) and typed.reason == "ENGINE_UNAVAILABLE"
+    assert "hosts" not in error.details()
 
 
 def test_a_servicer_that_aborts_itself_keeps_its_status(stub):
