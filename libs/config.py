@@ -82,7 +82,8 @@ class WeirConfig:
 
     router_address: str = setting("127.0.0.1:50052", "Where gateways reach a router.")
     dispatcher_addresses: str = setting(
-        "127.0.0.1:50053", "Dispatchers executor-managers report their load to, comma-separated.")
+        "127.0.0.1:50053", "Dispatchers an executor-manager takes work from (one Work stream "
+        "to each), comma-separated.")
     notifier_address: str = setting("127.0.0.1:50055", "Where gateways reach a notifier.")
     executor_id: str = setting("", "This executor-manager's stable ID; empty means host:port.")
     advertise_host: str = setting("127.0.0.1",
@@ -98,10 +99,11 @@ class WeirConfig:
         "worker_concurrency caps its own attempts in a process below this.",
         check=_positive, rule="> 0")
     lease_seconds: float = setting(
-        30.0, "How long a dispatch lease lasts unless renewed; a dead executor's tasks are "
-        "re-dispatched after at most this long.", check=_positive, rule="> 0")
+        30.0, "How long a dispatch lease lasts unless renewed (dispatchers tell their "
+        "executors); a dead executor's attempts are retried about this long after its last "
+        "renewal.", check=_positive, rule="> 0")
     sweep_interval_seconds: float = setting(
-        2.0, "How often sweepers look for unqueued tasks and expired leases.",
+        2.0, "How often the gateway's sweeper looks for stored tasks not confirmed on Kafka.",
         check=_positive, rule="> 0")
     unqueued_grace_seconds: float = setting(
         5.0, "Age after which a task still not confirmed on Kafka is queued by the sweeper.",

@@ -1,4 +1,4 @@
-"""ExecutorService: an executor-manager's load, for operators and dispatchers."""
+"""ExecutorService: an executor-manager's load, for operators (dispatchers see credits)."""
 
 from __future__ import annotations
 

@@ -41,6 +41,7 @@ MAX_BATCH = 1000
 MAX_DELAY = timedelta(days=30)
 MAX_RATE = 1_000_000.0  # dispatches per second; far beyond what one function can use
 MAX_COUNT_LIMIT = 1_000_000  # burst sizes and concurrency caps
+MAX_WORKER_CONCURRENCY = 64  # attempts in one worker process, each in a thread
 
 # google.protobuf.Timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
 MIN_SECONDS, MAX_SECONDS = -62_135_596_800, 253_402_300_799
@@ -281,6 +282,9 @@ def function_violations(function: functions_pb2.Function, *, handler_packages: S
             retry_problems["function.retry_config.max_retry_duration"] = UNLIMITED_RULE
         problems.update(retry_problems)
     problems.update(rate_limit_violations(function.rate_limits, at="function.rate_limits"))
+    if not 0 <= function.worker_concurrency <= MAX_WORKER_CONCURRENCY:
+        problems["function.worker_concurrency"] = (
+            f"between 0 (the default, 1) and {MAX_WORKER_CONCURRENCY}")
     if function.HasField("dedup_window"):
         problem = duration_problem(function.dedup_window)
         if problem is None and not (

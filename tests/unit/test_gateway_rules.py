@@ -113,6 +113,15 @@ def test_rate_limits_are_finite_and_bounded(rate):
         "function.rate_limits.max_concurrent_dispatches"}
 
 
+@pytest.mark.parametrize("concurrency", [-1, 65, 2**31 - 1])
+def test_worker_concurrency_is_between_0_and_64(concurrency):
+    assert set(function_violations(name="f", handler="examples.demo:echo",
+                                   worker_concurrency=concurrency)) == {
+        "function.worker_concurrency"}
+    assert function_violations(name="f", handler="examples.demo:echo",
+                               worker_concurrency=64) == {}
+
+
 def test_unlimited_retries_need_a_max_retry_duration():
     forever = common_pb2.RetryConfig(max_attempts=-1)
     assert "function.retry_config.max_retry_duration" in function_violations(
