@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from google.protobuf.timestamp_pb2 import Timestamp
 from weir.storage.v1 import records_pb2
 
+from libs.batching import chunks_by_size
 from libs.cassandra.taskstate import StoredTask, now_utc, timestamp_of
 from libs.kafka.client import Record
 from libs.kafka.topics import MAX_MESSAGE_BYTES
@@ -85,7 +86,7 @@ def records_by_partition(messages: Iterable[Routed]) -> list[Record]:
         grouped.setdefault((topic, partition), []).append(message)
     records = []
     for (topic, partition), group in grouped.items():
-        for chunk in _chunks(group):
+        for chunk in chunks_by_size(group, MAX_RECORD_BYTES):
             value = records_pb2.TaskMessageBatch(tasks=chunk).SerializeToString()
             records.append(Record(topic=topic, value=value, partition=partition))
     return records
@@ -94,20 +95,6 @@ def records_by_partition(messages: Iterable[Routed]) -> list[Record]:
 def messages_of(value: bytes) -> list[records_pb2.TaskMessage]:
     """The messages of one task-topic record, in order."""
     return list(records_pb2.TaskMessageBatch.FromString(value).tasks)
-
-
-def _chunks(messages: list[records_pb2.TaskMessage]) -> list[list[records_pb2.TaskMessage]]:
-    chunks: list[list[records_pb2.TaskMessage]] = [[]]
-    size = 0
-    for message in messages:
-        # 1 tag byte and at most 4 length bytes: a message is far below 256 MiB.
-        grows = message.ByteSize() + 5
-        if chunks[-1] and size + grows > MAX_RECORD_BYTES:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(message)
-        size += grows
-    return chunks
 
 
 def _later(a: Timestamp, b: Timestamp) -> bool:

@@ -32,6 +32,12 @@ class DedupStore:
             "SELECT task_id FROM dedup_keys WHERE tenant_id = ? AND dedup_key = ?")
         self._release = session.prepare(
             "DELETE FROM dedup_keys WHERE tenant_id = ? AND dedup_key = ? IF task_id = ?")
+        self._remaining = session.prepare(
+            "SELECT task_id, TTL(task_id) AS ttl FROM dedup_keys "
+            "WHERE tenant_id = ? AND dedup_key = ?")
+        self._extend = session.prepare(
+            "UPDATE dedup_keys USING TTL ? SET task_id = ?, create_time = ? "
+            "WHERE tenant_id = ? AND dedup_key = ? IF task_id = ?")
 
     def claim(self, tenant_id: str, key: str, task_id: str, *, window: timedelta) -> Claim:
         ttl = int(window.total_seconds())
@@ -50,3 +56,15 @@ class DedupStore:
     def release(self, tenant_id: str, key: str, task_id: str) -> bool:
         """Gives the key up, only if ``task_id`` still holds it (a failed create undoes it)."""
         return self._session.execute(self._release, (tenant_id, key, task_id)).was_applied
+
+    def hold(self, tenant_id: str, key: str, task_id: str, *, at_least: timedelta) -> None:
+        """Keeps the key claimed by ``task_id`` for ``at_least`` from now (longer if its claim
+        already lasts longer), claiming it again if it had expired."""
+        row = self._session.execute(self._remaining, (tenant_id, key)).one()
+        ttl = int(at_least.total_seconds())
+        if row is not None and (row.task_id != task_id or (row.ttl or 0) >= ttl):
+            return  # held long enough (or by another task: nothing of ours to extend)
+        now = datetime.now(UTC)
+        if row is None or not self._session.execute(
+                self._extend, (ttl, task_id, now, tenant_id, key, task_id)).was_applied:
+            self._session.execute(self._claim, (tenant_id, key, task_id, now, ttl))

@@ -19,8 +19,10 @@ from datetime import UTC, datetime, timedelta
 
 from cassandra.cluster import Session
 
-RANGE = timedelta(seconds=30)
-RENEW_BEFORE = timedelta(seconds=10)  # renew once the clock is this close to the range end
+# A range's length costs one LWT per partition per renewal; it also bounds how far ahead of
+# the clock an owner's timestamps may run (a deletion writes above it: DELETE_AHEAD).
+RANGE = timedelta(minutes=2)
+RENEW_BEFORE = timedelta(seconds=45)  # renew once the clock is this close to the range end
 
 
 class OwnershipLost(Exception):

@@ -1,6 +1,6 @@
 """Tasks in Cassandra, one partition each (`task_state`): spec, state and history.
 
-The gateway writes a task once (its spec, state ACCEPTED or SCHEDULED, the first stage);
+The gateway writes a task once (its spec, state QUEUED or SCHEDULED, the first stages);
 from then on only the owner of the task's Kafka partition writes it, each change one INSERT
 that sets the statics (state, status, result) and adds one history row, with a write
 timestamp from the owner's epoch range (`libs.cassandra.owners`). So no write of a task is
@@ -139,6 +139,8 @@ class TaskStateStore:
         self._select_head = p(columns + " LIMIT 1")
         self._delete = p("DELETE FROM task_state USING TIMESTAMP ? "
                          "WHERE tenant_id = ? AND task_id = ?")
+        self._exists = p("SELECT state FROM task_state WHERE tenant_id = ? AND task_id = ? "
+                         "LIMIT 1")
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -172,6 +174,11 @@ class TaskStateStore:
                                              key.task_id))
 
     # --- reading ---------------------------------------------------------------------------
+
+    def exists(self, key: TaskKey) -> bool:
+        """Whether the task is stored (a zombie's lone history row does not count)."""
+        row = self._session.execute(self._exists, (key.tenant_id, key.task_id)).one()
+        return row is not None and row.state is not None
 
     def get(self, key: TaskKey) -> StoredTask | None:
         """The whole task, history included."""

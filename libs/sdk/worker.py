@@ -63,10 +63,10 @@ CLASSES = {"NON_RETRYABLE": ErrorClass.ERROR_CLASS_NON_RETRYABLE,
 CODES = {"NON_RETRYABLE": code_pb2.FAILED_PRECONDITION, "RETRYABLE": code_pb2.UNAVAILABLE,
          "THROTTLED": code_pb2.RESOURCE_EXHAUSTED}
 MAX_TRACEBACK = 16 * 1024
-# A result is one field of a batched message: a larger one ends its attempt instead of
-# breaking the stream every other attempt of the process is reported on (and Kafka's
-# default message cap is 1 MiB anyway).
-MAX_RESULT_BYTES = 4 * 1024 * 1024
+# A result travels in batched messages (the worker's stream, the executor's reports, an
+# outcomes record on Kafka) and is stored with the task: like a payload, at most 1 MiB. A
+# larger one ends its attempt instead of breaking the stream other attempts share.
+MAX_RESULT_BYTES = 1024 * 1024
 BATCH_BYTES = 4 * 1024 * 1024  # results per message, beyond which a batch is split
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # what either side of the stream accepts
 LINGER_SECONDS = 0.001  # how long an update waits for others to share its message

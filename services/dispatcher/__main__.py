@@ -35,7 +35,7 @@ def start(config: WeirConfig) -> service.Started:
     owners = PartitionOwners(session)
     functions = Functions(FunctionStore(session))
     owner_name = f"dispatcher-{config.advertise_host}-{os.getpid()}"
-    owner = Owner(lease=lease, dispatcher_id=owner_name)
+    owner = Owner(lease=lease, dispatcher_id=owner_name, functions=functions.now)
     server = create_server(config, owner=owner)
     results = next(t for t in weir_topics(config) if t.name == results_topic(config.topic_prefix))
     timers = TimerWheel(owner=owner, index=index, tasks=tasks, owners=owners,

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from cassandra.cluster import ResponseFuture
@@ -30,6 +30,7 @@ from kafka import TopicPartition
 from weir.storage.v1 import records_pb2
 from weir.v1 import functions_pb2
 
+from libs.batching import chunks_by_size
 from libs.cache import TtlCache
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.functions import FunctionStore
@@ -38,7 +39,7 @@ from libs.cassandra.parked import ParkedStore
 from libs.cassandra.partition_index import MINUTE, PartitionIndex, Timer, minute_of
 from libs.cassandra.taskstate import StoredTask, TaskKey, TaskStateStore, now_utc
 from libs.kafka.client import Consumer, Message, Producer, Record
-from libs.taskqueue import records_by_partition
+from libs.taskqueue import MAX_RECORD_BYTES, records_by_partition
 from services.dispatcher.owner import HELD, FlushBatch, Owner, PartitionId, RecordAck
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,12 @@ class Functions:
     def get(self, tenant_id: str, name: str) -> functions_pb2.Function | None:
         return self._cache.get(tenant_id, name)
 
+    def now(self, tenant_id: str, name: str, default: functions_pb2.Function | None
+            ) -> functions_pb2.Function | None:
+        """As cached, never waiting on a read (a stale entry is refreshed in the background):
+        for decisions made under the owner's lock."""
+        return self._cache.get_nowait(tenant_id, name, default=default)
+
     def fresh(self, tenant_id: str, name: str) -> functions_pb2.Function | None:
         """Read now, not from the cache (which it refreshes)."""
         self._cache.forget(tenant_id, name)
@@ -90,6 +97,9 @@ class Intake:
         self._tasks = tasks
         self._functions = functions
         self._queues: dict[PartitionId, deque[_Pending]] = {}
+        # The highest offset offered per partition: a record at or below it comes again after
+        # a rewind, and its task may have finished since, so its state is read first.
+        self._offered: dict[PartitionId, int] = {}
         self._lock = threading.Lock()
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
 
@@ -102,11 +112,14 @@ class Intake:
             # adoption: rewound, it comes again once the partition is adopted.
             message.nack()
             return
+        with self._lock:
+            again = message.offset <= self._offered.get(partition, -1)
+            self._offered[partition] = max(message.offset, self._offered.get(partition, -1))
         if not batch.tasks:
             message.ack()
             return
         ack = RecordAck(message.ack, len(batch.tasks), message.nack)
-        replaying = self._owner.replaying(partition, message.offset)
+        replaying = again or self._owner.replaying(partition, message.offset)
         items = []
         for task in batch.tasks:
             key = TaskKey(task.tenant_id, task.task_id)
@@ -239,7 +252,8 @@ class Adoption:
         if previous is None:
             return []
         range_start, range_end = previous
-        start = datetime.fromtimestamp(range_end / 1e6, UTC) - timedelta(seconds=30) - MINUTE
+        # It stopped writing at most a range before its range's end.
+        start = datetime.fromtimestamp(range_end / 1e6, UTC) - RANGE - MINUTE
         end = max(now, datetime.fromtimestamp(range_end / 1e6, UTC)) + self._lease + MINUTE
         keys = set()
         minute = minute_of(min(start, now))
@@ -413,15 +427,20 @@ class TimerWheel:
         self._known = {(p, t) for p, t in self._known if p != partition}
 
 
-@dataclass
 class Publisher:
-    """Puts flushed outcomes on the results topic, one record per flush; queues parked tasks
-    again when their function turned out active after all."""
+    """Puts flushed outcomes on the results topic, few records per flush; queues parked
+    tasks again when their function turned out active after all."""
 
-    producer: Producer
-    topic: str
-    partitions: int
-    _turn: itertools.count = field(default_factory=itertools.count)
+    def __init__(self, producer: Producer, topic: str, partitions: int) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.partitions = partitions
+        self._turn = itertools.count()
+        self._give_up_at = float("inf")  # monotonic; set when closing
+
+    def close(self, grace_seconds: float) -> None:
+        """Outcomes not published within ``grace_seconds`` from now are given up."""
+        self._give_up_at = time.monotonic() + grace_seconds
 
     def requeue(self, messages: list[tuple[PartitionId, records_pb2.TaskMessage]]) -> None:
         """Produces messages again on their partitions, asking their owner to check the
@@ -435,19 +454,27 @@ class Publisher:
         self.producer.send_all(records_by_partition(routed))
 
     def publish(self, outcomes: list[records_pb2.AttemptOutcome]) -> None:
+        """Tried until Kafka takes them (their state is stored already): a broker outage
+        delays webhooks and watchers, it does not drop them."""
         if not outcomes:
             return
-        record = Record(self.topic, records_pb2.AttemptOutcomeBatch(
-            outcomes=outcomes).SerializeToString(), partition=next(self._turn) % self.partitions)
-        for attempt in range(1, 6):
+        partition = next(self._turn) % self.partitions
+        records = [Record(self.topic, records_pb2.AttemptOutcomeBatch(
+            outcomes=chunk).SerializeToString(), partition=partition)
+            for chunk in chunks_by_size(outcomes, MAX_RECORD_BYTES)]
+        failures = 0
+        while True:
             try:
-                self.producer.send_all([record])
+                self.producer.send_all(records)
                 return
             except Exception:
-                log.warning("could not publish outcomes; trying again", exc_info=attempt == 1)
-                time.sleep(0.2 * attempt)
-        log.error("outcomes not published (their state is stored)",
-                  extra={"outcomes": len(outcomes)})
+                failures += 1
+                if time.monotonic() >= self._give_up_at:
+                    log.error("outcomes not published (their state is stored)",
+                              extra={"outcomes": len(outcomes)})
+                    return
+                log.warning("could not publish outcomes; trying again", exc_info=failures == 1)
+                time.sleep(min(0.2 * failures, 2.0))
 
 
 class Flusher:
@@ -481,6 +508,7 @@ class Flusher:
         self._stopping.set()
         self._wake.set()
         self._thread.join(10)
+        self._publisher.close(grace_seconds=5)
         self._publishing.shutdown(wait=True)
 
     def _run(self) -> None:
@@ -492,7 +520,6 @@ class Flusher:
             self._owner.tick()
             try:
                 self._renew()
-                self._verify()
                 self.flush_once()
             except Exception:
                 log.exception("a flush failed; trying again")
@@ -528,6 +555,9 @@ class Flusher:
 
     def flush_once(self) -> bool:
         """One batch: written (retried until it is), then confirmed. True if any."""
+        if not self._owner.has_changes():
+            return False
+        self._verify()  # before a zombie's first write after it was paused
         batch = self._owner.collect()
         if not batch.held:
             return False
@@ -540,13 +570,16 @@ class Flusher:
                 log.warning("writing a flush failed; trying it again", exc_info=True)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                self._verify(force=True)
-        self._owner.flushed(batch)
+                try:  # the batch is collected: it is written or given up, never dropped
+                    self._verify(force=True)
+                except Exception:
+                    log.warning("could not check our epochs; trying again", exc_info=True)
+        outcomes = self._owner.flushed(batch)
         for partition, timers in batch.timers.items():
             self._timers.add(partition, timers)
         if batch.parked:  # after `flushed`: a task queued again must find none held
             self._unpark_if_resumed(batch.parked)
-        self._publishing.submit(self._publisher.publish, batch.outcomes)
+        self._publishing.submit(self._publisher.publish, outcomes)
         return True
 
     def _write(self, batch: FlushBatch) -> None:

@@ -25,6 +25,7 @@ from weir.internal.dispatcher.v1 import dispatcher_pb2
 from weir.storage.v1 import records_pb2
 from weir.v1 import common_pb2, functions_pb2, tasks_pb2
 
+from libs.batching import BATCH_BYTES, chunks_by_size
 from libs.cassandra.owners import Ownership, TimestampRange
 from libs.cassandra.partition_index import InflightEntry, Timer, minute_of, to_millis
 from libs.cassandra.taskstate import (
@@ -54,9 +55,15 @@ TIERS = (common_pb2.Priority.PRIORITY_HIGH, common_pb2.Priority.PRIORITY_NORMAL,
          common_pb2.Priority.PRIORITY_LOW)
 DEFAULT_TIMEOUT = timedelta(seconds=60)
 SERVICE = "dispatcher"
+# An attempt is written once it has been out this long, or when it ends if sooner: a short
+# task costs one write for dispatch, start and end together. A crash before the write
+# replays its record (not yet acknowledged) and runs it again: at least once, as always.
+PERSIST_AFTER = timedelta(milliseconds=100)
 EXECUTOR = "executor-manager"  # what an executor reported is its stage, written here
 
 PartitionId = tuple[str, int]
+# (tenant, function name, what to assume when nothing is cached) -> the function now.
+FunctionsNow = Callable[[str, str, functions_pb2.Function | None], functions_pb2.Function | None]
 
 
 class RecordAck:
@@ -104,6 +111,7 @@ class Held:
     attempt: tasks_pb2.Attempt | None = None  # the attempt out now
     executor: str = ""
     lease_deadline: float = 0.0  # monotonic
+    out_since: float | None = None  # monotonic; set while its dispatch is not yet written
     persisted_lease: datetime | None = None
     acks: list[RecordAck] = field(default_factory=list)
     release: bool = False  # drop from memory after the next flush
@@ -134,21 +142,25 @@ class Stream:
     durable: list[str] = field(default_factory=list)
     owned_changed: bool = True
 
-    def take(self, owned: list[PartitionId]) -> dispatcher_pb2.WorkResponse | None:
-        """What to send now, or None."""
+    def take(self, owned: list[tuple[PartitionId, int]]) -> dispatcher_pb2.WorkResponse | None:
+        """What to send now, or None. ``owned``: the partitions held and their epochs."""
         if not (self.assignments or self.cancel or self.moved or self.stale or self.durable
                 or self.owned_changed):
             return None
+        # Assignments carry payloads: a message takes what fits, the rest go in the next.
+        first, *later = chunks_by_size(self.assignments, BATCH_BYTES)
         response = dispatcher_pb2.WorkResponse(
-            assignments=self.assignments, cancel=self.cancel, moved=self.moved,
+            assignments=first, cancel=self.cancel, moved=self.moved,
             stale=self.stale, durable=self.durable)
         if self.owned_changed:
             response.owned_changed = True
-            response.owned.extend(dispatcher_pb2.PartitionRef(topic=t, partition=p)
-                                  for t, p in owned)
-        self.assignments, self.cancel, self.moved, self.stale = [], [], [], []
-        self.durable = []
+            response.owned.extend(dispatcher_pb2.PartitionRef(topic=t, partition=p, epoch=e)
+                                  for (t, p), e in owned)
+        self.assignments = [a for chunk in later for a in chunk]
+        self.cancel, self.moved, self.stale, self.durable = [], [], [], []
         self.owned_changed = False
+        if self.assignments:
+            self.wake()
         return response
 
 
@@ -174,10 +186,12 @@ class FlushBatch:
     timer_stamps: dict[PartitionId, int] = field(default_factory=dict)
     dead_letters: list[StoredTask] = field(default_factory=list)
     parked: list[tuple[PartitionId, records_pb2.TaskMessage]] = field(default_factory=list)
-    outcomes: list[records_pb2.AttemptOutcome] = field(default_factory=list)
+    outcomes: list[tuple[PartitionId, records_pb2.AttemptOutcome]] = field(
+        default_factory=list)
     held: list[Held] = field(default_factory=list)
-    reports: list[tuple[Stream, str]] = field(default_factory=list)  # stored once written
+    reports: list[tuple[Stream, str, PartitionId]] = field(default_factory=list)  # stored
     acks: list[RecordAck] = field(default_factory=list)  # records done once written
+    epochs: dict[PartitionId, int] = field(default_factory=dict)  # the epochs it wrote under
 
     def __bool__(self) -> bool:
         return bool(self.writes or self.inflight or self.timers)
@@ -232,10 +246,14 @@ class Owner:
     """The tasks of every partition this dispatcher owns (one lock; no I/O inside)."""
 
     def __init__(self, *, lease: timedelta, dispatcher_id: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 functions: FunctionsNow | None = None) -> None:
         self._lease = lease
         self._id = dispatcher_id
         self._clock = clock
+        # A function as it is now (cached briefly), so a pause or a deletion also holds back
+        # the tasks already waiting for a slot; without it, as it was when the task came.
+        self._function_now = functions
         self._lock = threading.Lock()
         self._partitions: dict[PartitionId, Partition] = {}
         self._held: dict[TaskKey, Held] = {}
@@ -382,8 +400,8 @@ class Owner:
 
     def _admit(self, held: Held) -> None:
         """Decides what a task the owner just took does next: wait, park, end or queue."""
-        message, now = held.message, now_utc()
-        if message.HasField("expire_time") and message.expire_time.ToDatetime(tzinfo=UTC) <= now:
+        message = held.message
+        if _expired(message):
             self._end(held, State.TASK_STATE_EXPIRED, "its expire_time passed while it waited")
             return
         if held.state == State.TASK_STATE_SCHEDULED:
@@ -455,9 +473,7 @@ class Owner:
             if ack:
                 ack.done()
             return
-        attempts = stored.attempts()
-        current = attempts[-1] if attempts else tasks_pb2.Attempt(
-            attempt_number=stored.status.attempt_count)
+        current = _current_attempt(stored)
         message = _message_of(stored)
         held = self._new_held(partition, key, message, function, state=stored.state,
                               status=stored.status, stored=stored)
@@ -529,11 +545,9 @@ class Owner:
                               status=stored.status)
         held.acks.append(ack)
         if stored.state in OUT:  # out at an executor under another epoch: stop it anyway
-            attempts = stored.attempts()
-            held.attempt = attempts[-1] if attempts else None
+            held.attempt = _current_attempt(stored)
             held.executor = stored.status.executor_id
-            if held.attempt is not None:
-                self._interrupt(held, reason, attempt_id=stored.status.attempt_id)
+            self._interrupt(held, reason, attempt_id=stored.status.attempt_id)
         self._end(held, State.TASK_STATE_CANCELLED, reason)
 
     def _interrupt(self, held: Held, reason: str, *, attempt_id: str = "") -> None:
@@ -627,7 +641,8 @@ class Owner:
             stream = self._streams.get(stream_id)
             if stream is None:
                 return None
-            return stream.take(sorted(p for p, s in self._partitions.items() if s.ready))
+            return stream.take(sorted((p, s.ownership.epoch)
+                                      for p, s in self._partitions.items() if s.ready))
 
     def work(self, stream_id: int, request: dispatcher_pb2.WorkRequest) -> None:
         """A message of an executor's Work stream: credits, reports, renewals."""
@@ -683,7 +698,8 @@ class Owner:
                 held.state = State.TASK_STATE_RUNNING
                 self._stage(held, State.TASK_STATE_RUNNING, "", at=report.start_time,
                             service=EXECUTOR)
-            self._mark(held)
+            if held.out_since is None:
+                self._mark(held)  # already written as dispatched: RUNNING is news
         if not report.HasField("end_time"):
             return
         attempt.end_time.CopyFrom(report.end_time)
@@ -740,9 +756,14 @@ class Owner:
                                TimerKind.TIMER_KIND_RUN), change_state=True)
 
     def tick(self) -> None:
-        """Lease expiries: an attempt whose executor stopped renewing is retried."""
+        """Writes attempts out for long enough; retries those whose lease expired (their
+        executor stopped renewing)."""
         now = self._clock()
+        persist_before = now - PERSIST_AFTER.total_seconds()
         with self._lock:
+            for held in self._attempts.values():
+                if held.out_since is not None and held.out_since <= persist_before:
+                    self._mark(held)
             for attempt_id, held in list(self._attempts.items()):
                 if held.lease_deadline > now or held.attempt is None:
                     continue
@@ -772,6 +793,12 @@ class Owner:
                 return
             if self._held.get(held.key) is not held or held.state in FINAL_STATES:
                 continue  # cancelled or expired while it waited
+            if self._function_now is not None:
+                held.function = self._function_now(held.key.tenant_id, held.message.function,
+                                                   held.function)
+            if held.function is None or held.function.state in HELD or _expired(held.message):
+                self._admit(held)  # it fails, parks or ends EXPIRED instead
+                continue
             cap = held.function.rate_limits.max_concurrent_dispatches if held.function else 0
             function = (held.key.tenant_id, held.message.function)
             if cap and self._out.get(function, 0) >= cap:
@@ -819,7 +846,7 @@ class Owner:
         held.state = State.TASK_STATE_DISPATCHED
         self._stage(held, State.TASK_STATE_DISPATCHED, "", attempt=number)
         self._send_out(attempt_id, held)
-        self._mark(held)
+        held.out_since = self._clock()  # written by `tick` unless it ends first
         function = held.function
         timeout = function.timeout if function and function.HasField("timeout") else \
             Duration(seconds=int(DEFAULT_TIMEOUT.total_seconds()))
@@ -869,6 +896,10 @@ class Owner:
         if attempt_id and self._attempts.get(attempt_id) is held:
             self._bring_back(attempt_id)
 
+    def has_changes(self) -> bool:
+        with self._lock:
+            return bool(self._dirty)
+
     def collect(self) -> FlushBatch:
         """Everything changed since the last flush, as writes with fenced timestamps."""
         batch = FlushBatch()
@@ -884,7 +915,9 @@ class Owner:
                     self._dirty[held.key] = held  # after the range's renewal
                     continue
                 batch.held.append(held)
-                batch.reports += held.reports
+                batch.epochs[held.partition] = partition.ownership.epoch
+                batch.reports += [(stream, attempt_id, held.partition)
+                                  for stream, attempt_id in held.reports]
                 batch.acks += held.acks
                 held.reports, held.acks = [], []
                 if held.timers:
@@ -892,7 +925,7 @@ class Owner:
                     batch.timer_stamps[held.partition] = stamp
                     held.timers = []
                 if held.outcome is not None:
-                    batch.outcomes.append(held.outcome)
+                    batch.outcomes.append((held.partition, held.outcome))
                     held.outcome = None
                 if held.park:
                     batch.parked.append((held.partition, held.message))
@@ -900,6 +933,7 @@ class Owner:
                 if held.dead_letter:
                     batch.dead_letters.append(self._stored_view(held))
                     held.dead_letter = False
+                held.out_since = None
                 if held.attempt is not None and held.status.attempt_id:
                     expiry = now_utc() + self._lease
                     held.status.lease_expire_time.CopyFrom(timestamp_of(expiry))
@@ -910,6 +944,9 @@ class Owner:
                     batch.inflight_stamps[bucket] = stamp
                 if not held.dirty:
                     continue  # only timers to write (a task staying as the gateway wrote it)
+                if held.attempt is not None and held.status.attempt_id:
+                    # The attempt out now, as it stands: an adopting owner continues it.
+                    held.history.attempts.append(held.attempt)
                 held.status.update_time.CopyFrom(timestamp_of(now_utc()))
                 status = records_pb2.TaskStatus()
                 status.CopyFrom(held.status)
@@ -922,17 +959,27 @@ class Owner:
                 held.dirty = False
         return batch
 
-    def flushed(self, batch: FlushBatch) -> None:
-        """The batch is durable: acknowledge records, release what may wait alone."""
+    def flushed(self, batch: FlushBatch) -> list[records_pb2.AttemptOutcome]:
+        """The batch is durable: acknowledge records, release what may wait alone.
+
+        Returns the outcomes to publish: those of partitions still held under the epoch the
+        batch was written in. A partition lost while its write was retried wrote with a range
+        its successor's writes outrank; its executors' reports go to the successor (`moved`),
+        which publishes their outcomes.
+        """
         with self._lock:
+            kept = {p for p, epoch in batch.epochs.items()
+                    if p in self._partitions and self._partitions[p].ownership.epoch == epoch}
             for held in batch.held:
                 if held.release and not held.dirty and self._held.get(held.key) is held:
                     self._forget(held)
-            for stream, attempt_id in batch.reports:
-                stream.durable.append(attempt_id)
+            for stream, attempt_id, partition in batch.reports:
+                (stream.durable if partition in kept else stream.moved).append(attempt_id)
                 stream.wake()
+            outcomes = [outcome for partition, outcome in batch.outcomes if partition in kept]
         for ack in batch.acks:
             ack.done()
+        return outcomes
 
     def _stored_view(self, held: Held) -> StoredTask:
         """What a dead letter needs of a task: its spec-like message and attempts."""
@@ -969,6 +1016,22 @@ def _outcome(held: Held, attempt: tasks_pb2.Attempt | None) -> records_pb2.Attem
     if attempt is not None:
         outcome.attempt.CopyFrom(attempt)
     return outcome
+
+
+def _expired(message: records_pb2.TaskMessage) -> bool:
+    return message.HasField("expire_time") and \
+        message.expire_time.ToDatetime(tzinfo=UTC) <= now_utc()
+
+
+def _current_attempt(stored: StoredTask) -> tasks_pb2.Attempt:
+    """The attempt out at an executor (DISPATCHED or RUNNING), as its owner last wrote it."""
+    number = stored.status.attempt_count
+    for attempt in reversed(stored.attempts()):
+        if attempt.attempt_number == number:
+            current = tasks_pb2.Attempt()
+            current.CopyFrom(attempt)
+            return current
+    return tasks_pb2.Attempt(attempt_number=number, executor_id=stored.status.executor_id)
 
 
 def _message_of(stored: StoredTask) -> records_pb2.TaskMessage:

@@ -2,12 +2,13 @@
 
 One Work stream per dispatcher (`DispatcherLink`). The executor grants each stream credits
 for its free slots, receives assignments in batches, submits them to the pool, and reports
-starts and outcomes in batches — to the dispatcher that owns the task's partition now
-(dispatchers announce the partitions they own; a report sent to one that lost the partition
-comes back `moved` and waits for the new owner). An end report is kept until its owner says
-it is stored (`durable`) and sent again otherwise, so an outcome outlives an owner's crash or
-takeover. It renews the leases of what runs every third of a lease, and stops an attempt its
-owner calls `stale` (the task moved on) or asks to `cancel`.
+starts and outcomes in batches — to the dispatcher that owns the task's partition now.
+Dispatchers announce the partitions they own with their epochs; where two claim one (the
+loser frozen or cut off, not knowing yet) the higher epoch wins, and a report sent to one that
+lost the partition comes back `moved` and waits for the new owner. An end report is kept until
+its owner says it is stored (`durable`) and sent again otherwise, so an outcome outlives an
+owner's crash or takeover. It renews the leases of what runs every third of a lease, and
+stops an attempt its owner calls `stale` (the task moved on) or asks to `cancel`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from google.protobuf.duration_pb2 import Duration
 from weir.internal.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from weir.internal.executor_manager.v1 import executor_manager_pb2
 
+from libs.batching import BATCH_BYTES, chunks_by_size
 from libs.cassandra.taskstate import timestamp_of
 from services.executor_manager.pool import AttemptResult, AttemptSpec, PoolClosed, WorkerPool
 
@@ -57,7 +59,7 @@ class DispatcherLink:
     connected: bool = False
     disconnected_at: float = field(default_factory=time.monotonic)
     outstanding: int = 0  # credits granted and not yet used
-    owned: set[PartitionId] = field(default_factory=set)
+    owned: dict[PartitionId, int] = field(default_factory=dict)  # partition -> its epoch
     _outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -108,7 +110,7 @@ class DispatcherLink:
             if self.connected:
                 self.connected = False
                 self.disconnected_at = time.monotonic()
-                self.owned = set()
+                self.owned = {}
             self._stopping.wait(min(0.1 * failures, 2.0))
 
 
@@ -185,8 +187,10 @@ class Executor:
     # --- what dispatchers send -------------------------------------------------------------
 
     def _response(self, link: DispatcherLink, response: dispatcher_pb2.WorkResponse) -> None:
+        if response.HasField("lease"):  # the dispatchers' lease rules: renew well within it
+            self._lease = min(self._lease, response.lease.ToTimedelta())
         if response.owned_changed:
-            link.owned = {(p.topic, p.partition) for p in response.owned}
+            link.owned = {(p.topic, p.partition): p.epoch for p in response.owned}
         specs = []
         with self._lock:
             link.outstanding = max(0, link.outstanding - len(response.assignments))
@@ -222,9 +226,9 @@ class Executor:
     # --- sending ---------------------------------------------------------------------------
 
     def _send_loop(self) -> None:
-        renew_every = self._lease.total_seconds() / 3
-        next_renewal = time.monotonic() + renew_every
+        next_renewal = time.monotonic() + self._lease.total_seconds() / 3
         while not self._stopping.is_set():
+            renew_every = self._lease.total_seconds() / 3  # the dispatchers may shorten it
             self._wake.wait(renew_every)
             time.sleep(SEND_SECONDS)
             self._wake.clear()
@@ -238,9 +242,9 @@ class Executor:
 
     def _owner_of(self, partition: PartitionId, fallback: DispatcherLink
                   ) -> DispatcherLink | None:
-        for link in self._links:
-            if link.connected and partition in link.owned:
-                return link
+        claims = [link for link in self._links if link.connected and partition in link.owned]
+        if claims:
+            return max(claims, key=lambda link: link.owned[partition])
         return fallback if fallback.connected and not any(
             link.owned for link in self._links if link.connected) else None
 
@@ -257,6 +261,8 @@ class Executor:
             for attempt_id, items in reports.items():
                 running = self._running.get(attempt_id)
                 fallback = running.link if running else None
+                # An end report carries the start too: a start not sent yet goes with it.
+                items = [r for r in items if r.HasField("end_time")] or items
                 for report in items:
                     link = self._owner_of((report.topic, report.partition),
                                           fallback or self._links[0])
@@ -300,8 +306,16 @@ class Executor:
                     request_for(link).credits = top_up
         for link in self._links:
             request = requests.get(id(link))
-            if request is not None and link.connected:
-                link.send(request)
+            if request is None or not link.connected:
+                continue
+            # Reports carry results: a message takes what fits, the rest follow it.
+            first, *later = chunks_by_size(request.reports, BATCH_BYTES)
+            if later:
+                del request.reports[:]
+                request.reports.extend(first)
+            link.send(request)
+            for chunk in later:
+                link.send(dispatcher_pb2.WorkRequest(reports=chunk))
 
     def _stop_unrenewable(self) -> None:
         """Attempts whose owner has been out of reach for a whole lease were given to another

@@ -57,7 +57,8 @@ def start(config: WeirConfig) -> service.Started:
                           functions=function_cache, dedup=dedup, route=route, producer=producer,
                           crash_after_store=config.fault == "gateway.crash_after_store")
     control = TaskControl(tasks=tasks, listing=listing, dead_letters=dead_letters,
-                          parked=ParkedStore(session), functions=functions, producer=producer)
+                          parked=ParkedStore(session), functions=functions, dedup=dedup,
+                          producer=producer)
     server = create_server(config, tenants=TenantStore(session), submitter=submitter,
                            control=control, functions=functions,
                            function_changed=function_cache.forget,

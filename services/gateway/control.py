@@ -18,10 +18,12 @@ from weir.storage.v1 import records_pb2
 from weir.v1 import dead_letters_pb2, tasks_pb2
 
 from libs.cassandra.dead_letters import DeadLetterStore
+from libs.cassandra.dedup import DedupStore
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.listing import TaskListing
 from libs.cassandra.parked import ParkedStore
 from libs.cassandra.taskstate import (
+    DELETE_AHEAD,
     FINAL_STATES,
     StoredTask,
     TaskKey,
@@ -122,8 +124,10 @@ class TaskControl:
 
     def __init__(self, *, tasks: TaskStateStore, listing: TaskListing,
                  dead_letters: DeadLetterStore, parked: ParkedStore, functions: FunctionStore,
-                 producer: Producer, cancel_wait_seconds: float = CANCEL_WAIT_SECONDS) -> None:
+                 dedup: DedupStore, producer: Producer,
+                 cancel_wait_seconds: float = CANCEL_WAIT_SECONDS) -> None:
         self.tasks = tasks
+        self._dedup = dedup
         self.listing = listing
         self._dead_letters = dead_letters
         self._parked = parked
@@ -183,6 +187,10 @@ class TaskControl:
         letter = self._dead_letters.get(tenant_id, stored.spec.task.task_id)
         if letter is not None:
             self._dead_letters.remove(letter, tenant_id)
+        # The deletion stands above writes for DELETE_AHEAD: a task created again under
+        # this ID meanwhile would be hidden by it, so the ID stays taken that long.
+        self._dedup.hold(tenant_id, stored.spec.task.task_id, stored.spec.task.task_id,
+                         at_least=DELETE_AHEAD)
         self.tasks.delete(stored.key)
         self.listing.remove(stored.spec)
         return True

@@ -118,7 +118,9 @@ class Submitter:
                 window = (function.dedup_window.ToTimedelta()
                           if function.HasField("dedup_window") else DEFAULT_DEDUP_WINDOW)
                 claim = self._dedup.claim(tenant_id, task_id, task_id, window=window)
-                if not claim.granted:
+                # Past its window the ID is free again, but not while its task still exists
+                # (the one claimant reads, so no other can create it in between).
+                if not claim.granted or self._tasks.exists(TaskKey(tenant_id, task_id)):
                     results[i] = Created(tasks_pb2.Task(task_id=task_id), status_pb2.Status(
                         code=code_pb2.ALREADY_EXISTS,
                         message=f"task {task_id!r} already exists"))

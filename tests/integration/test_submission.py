@@ -28,6 +28,7 @@ from libs.cassandra.parked import ParkedStore
 from libs.cassandra.partition_index import minute_of
 from libs.cassandra.submissions import SubmissionStore
 from libs.cassandra.taskstate import (
+    DELETE_AHEAD,
     StoredTask,
     TaskKey,
     TaskStateStore,
@@ -87,7 +88,8 @@ class Gateway:
         return TaskControl(tasks=self.tasks, listing=self.listing,
                            dead_letters=self.dead_letters, parked=self.parked,
                            functions=FunctionStore(self.tasks._session),
-                           producer=self.producer, cancel_wait_seconds=cancel_wait_seconds)
+                           dedup=DedupStore(self.tasks._session), producer=self.producer,
+                           cancel_wait_seconds=cancel_wait_seconds)
 
     def sweeper(self) -> SubmissionSweeper:
         return SubmissionSweeper(submissions=self.submissions, tasks=self.tasks,
@@ -382,3 +384,32 @@ def test_dead_letters_page_newest_first_without_gaps(cassandra):
         seen += [row.task_id for row in page]
         after = (page[-1].dead_letter_time, page[-1].task_id)
     assert seen == ["dl-0", "dl-1", "dl-2", "dl-3", "dl-4", "dl-5", "dl-6"]
+
+
+def test_a_client_id_past_its_window_is_still_refused_while_its_task_exists(gateway):
+    request = tasks_pb2.CreateTaskRequest(task=tasks_pb2.Task(task_id=unique("id"),
+                                                              function="echo"))
+    gateway.create([request])
+    dedup = DedupStore(gateway.tasks._session)
+    # Its window is over:
+    assert dedup.release(gateway.tenant_id, request.task.task_id, request.task.task_id)
+    [again] = gateway.submitter.create(gateway.tenant_id, [request], prefix=lambda i: "")
+    assert again.status.code == code_pb2.ALREADY_EXISTS
+
+
+def test_a_deleted_tasks_id_stays_taken_while_the_deletion_would_hide_a_new_task(gateway):
+    request = tasks_pb2.CreateTaskRequest(task=tasks_pb2.Task(task_id=unique("id"),
+                                                              function="echo"))
+    [task] = gateway.create([request])
+    dedup, session = DedupStore(gateway.tasks._session), gateway.tasks._session
+    dedup.release(gateway.tenant_id, task.task_id, task.task_id)  # its window is over
+    [queued] = gateway.stored([task.task_id])
+    owner_writes(gateway, queued, State.TASK_STATE_SUCCEEDED)
+    [stored] = gateway.stored([task.task_id])
+    assert gateway.control().delete(stored)
+    row = session.execute("SELECT task_id, TTL(task_id) AS ttl FROM dedup_keys "
+                          "WHERE tenant_id = %s AND dedup_key = %s",
+                          (gateway.tenant_id, task.task_id)).one()
+    assert row.task_id == task.task_id and row.ttl > DELETE_AHEAD.total_seconds() - 60
+    [again] = gateway.submitter.create(gateway.tenant_id, [request], prefix=lambda i: "")
+    assert again.status.code == code_pb2.ALREADY_EXISTS

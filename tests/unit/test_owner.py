@@ -13,6 +13,7 @@ from weir.v1 import common_pb2, functions_pb2, tasks_pb2
 
 from libs.cassandra.owners import Ownership, TimestampRange
 from libs.cassandra.taskstate import StoredTask, TaskKey, timestamp_of
+from services.dispatcher import owner as owner_module
 from services.dispatcher.owner import Owner, RecordAck
 
 State = tasks_pb2.TaskState
@@ -48,8 +49,9 @@ def owner(clock: Clock) -> Owner:
 def message(task_id: str, **fields) -> records_pb2.TaskMessage:
     created = timestamp_of(datetime.now(UTC) - timedelta(seconds=1))
     fields.setdefault("function", "echo")
-    return records_pb2.TaskMessage(tenant_id="t1", task_id=task_id, payload=b"p",
-                                   attempt_number=1, create_time=created, **fields)
+    fields.setdefault("payload", b"p")
+    return records_pb2.TaskMessage(tenant_id="t1", task_id=task_id, attempt_number=1,
+                                   create_time=created, **fields)
 
 
 class Acks:
@@ -86,17 +88,23 @@ def report(owner: Owner, assignment: dispatcher_pb2.Assignment, *, ok: bool = Tr
     owner.work(1, dispatcher_pb2.WorkRequest(reports=[done]))
 
 
-def test_a_fresh_task_waits_for_credit_then_goes_out_and_its_record_acks_once_written(owner):
+def test_a_fresh_task_waits_for_credit_then_goes_out_and_its_record_acks_once_written(
+        owner, clock):
     acks = Acks()
     owner.take(PARTITION, message("a"), ECHO, acks.record())
     assert owner.collect().writes == []  # nothing durable yet: the record is not acked
     connect(owner, credits=1)
     [assignment] = assignments(owner)
     assert assignment.task.task_id == "a" and assignment.handler == "examples.demo:echo"
+    assert owner.collect().writes == []  # a short attempt is written only when it ends...
+    clock.now += 0.2
+    owner.tick()  # ...or once it has been out for a while
     batch = owner.collect()
     [write] = batch.writes
     assert write.state == State.TASK_STATE_DISPATCHED
     assert [s.state for s in write.history.stages] == [State.TASK_STATE_DISPATCHED]
+    [out] = write.history.attempts  # the attempt as it stands, for an adopting owner
+    assert out.attempt_number == 1 and not out.HasField("end_time")
     assert batch.inflight  # listed for a next owner to adopt
     assert acks.count == 0
     owner.flushed(batch)
@@ -113,16 +121,17 @@ def test_a_short_task_is_one_write_from_dispatch_to_success(owner):
     assert write.state == State.TASK_STATE_SUCCEEDED and write.result == b"r"
     assert [s.state for s in write.history.stages] == [
         State.TASK_STATE_DISPATCHED, State.TASK_STATE_RUNNING, State.TASK_STATE_SUCCEEDED]
-    assert [o.state for o in batch.outcomes] == [State.TASK_STATE_SUCCEEDED]
-    owner.flushed(batch)
+    assert [o.state for o in owner.flushed(batch)] == [State.TASK_STATE_SUCCEEDED]
     assert owner.stats()["held"] == 0
 
 
-def test_writes_of_one_task_carry_increasing_timestamps_above_its_creation(owner):
+def test_writes_of_one_task_carry_increasing_timestamps_above_its_creation(owner, clock):
     created = message("a")
     owner.take(PARTITION, created, ECHO, Acks().record())
     connect(owner, credits=1)
     [assignment] = assignments(owner)
+    clock.now += 0.2
+    owner.tick()
     first = owner.collect().writes[0].timestamp
     report(owner, assignment)
     second = owner.collect().writes[0].timestamp
@@ -225,6 +234,33 @@ def test_a_paused_functions_task_is_parked(owner):
     assert batch.writes[0].status.parked
 
 
+def test_a_task_waiting_for_a_slot_when_its_function_is_paused_is_parked_not_sent(clock):
+    paused = functions_pb2.Function()
+    paused.CopyFrom(ECHO)
+    paused.state = functions_pb2.FunctionState.FUNCTION_STATE_PAUSED
+    now = {"echo": ECHO}
+    owner = Owner(lease=timedelta(seconds=30), dispatcher_id="d1", clock=clock,
+                  functions=lambda tenant, name, default: now.get(name, default))
+    start = int(datetime.now(UTC).timestamp() * 1e6)
+    owner.own(Ownership(*PARTITION, epoch=2, range_start=start, range_end=start + 60_000_000,
+                        timer_minute=None), replay_below=0)
+    owner.adopted(PARTITION)
+    owner.take(PARTITION, message("a"), ECHO, Acks().record())  # waits: no credit yet
+    now["echo"] = paused
+    connect(owner, credits=5)
+    assert assignments(owner) == []
+    assert [m.task_id for _, m in owner.collect().parked] == ["a"]
+
+
+def test_a_task_whose_expiry_passes_while_it_waits_for_a_slot_ends_expired(owner, monkeypatch):
+    soon = datetime.now(UTC) + timedelta(seconds=5)
+    owner.take(PARTITION, message("a", expire_time=timestamp_of(soon)), ECHO, Acks().record())
+    monkeypatch.setattr(owner_module, "now_utc", lambda: soon + timedelta(seconds=1))
+    connect(owner, credits=5)
+    assert assignments(owner) == []
+    assert owner.collect().writes[0].state == State.TASK_STATE_EXPIRED
+
+
 def test_an_expired_task_ends_expired_without_going_out(owner):
     expired = message("a", expire_time=timestamp_of(datetime.now(UTC) - timedelta(seconds=1)))
     owner.take(PARTITION, expired, ECHO, Acks().record())
@@ -313,7 +349,10 @@ def test_outcomes_and_assignments_carry_the_tasks_timeout_and_targets(owner):
     connect(owner, credits=1)
     [assignment] = assignments(owner)
     assert assignment.timeout.seconds == 5 and assignment.worker_concurrency == 3
-    assert TaskKey("t1", "a") in {w.key for w in owner.collect().writes}
+    report(owner, assignment)
+    batch = owner.collect()
+    assert TaskKey("t1", "a") in {w.key for w in batch.writes}
+    assert [o.task_id for _, o in batch.outcomes] == ["a"]
 
 
 def test_a_functions_concurrency_cap_holds_its_tasks_until_an_attempt_ends(owner):
@@ -338,3 +377,71 @@ def test_a_record_of_a_partition_not_adopted_yet_is_not_taken(owner):
     assert not owner.take(other, message("a"), ECHO, Acks().record())
     owner.adopted(other)
     assert owner.take(other, message("a"), ECHO, Acks().record())
+
+
+def stored_with_second_attempt_out(attempt_id: str) -> StoredTask:
+    """A task whose first attempt failed and whose second is out, as another owner wrote it."""
+    spec = records_pb2.TaskSpec(tenant_id="t1", topic=PARTITION[0], partition=PARTITION[1])
+    spec.task.task_id, spec.task.function, spec.task.payload = "a", "echo", b"p"
+    now = datetime.now(UTC)
+    first = tasks_pb2.Attempt(attempt_number=1, executor_id="em-0",
+                              end_time=timestamp_of(now - timedelta(seconds=5)),
+                              exit_reason=Exit.EXIT_REASON_RAISED)
+    second = tasks_pb2.Attempt(attempt_number=2, executor_id="em-1",
+                               dispatch_time=timestamp_of(now - timedelta(seconds=1)))
+    status = records_pb2.TaskStatus(attempt_count=2, attempt_id=attempt_id, executor_id="em-1",
+                                    lease_expire_time=timestamp_of(now + timedelta(seconds=20)))
+    return StoredTask(spec=spec, state=State.TASK_STATE_DISPATCHED, status=status,
+                      history=[records_pb2.TaskHistory(attempts=[first]),
+                               records_pb2.TaskHistory(attempts=[second])])
+
+
+def test_an_adopted_attempt_is_the_one_out_and_its_report_ends_it_not_an_earlier_one(owner):
+    attempt_id = f"{PARTITION[0]}/{PARTITION[1]}/1/5"
+    owner.adopt(PARTITION, [stored_with_second_attempt_out(attempt_id)], lambda *_: ECHO)
+    owner.flushed(owner.collect())
+    connect(owner, credits=0)
+    owner.next_response(1)
+    report(owner, dispatcher_pb2.Assignment(attempt_id=attempt_id, topic=PARTITION[0],
+                                            partition=PARTITION[1]))
+    [write] = owner.collect().writes
+    assert write.state == State.TASK_STATE_SUCCEEDED
+    [ended] = write.history.attempts
+    assert ended.attempt_number == 2 and ended.exit_reason == Exit.EXIT_REASON_RETURNED
+    assert ended.dispatch_time.seconds > 0  # continued, not made up
+
+
+def test_cancelling_a_task_out_under_another_epoch_stops_the_attempt_out(owner):
+    attempt_id = f"{PARTITION[0]}/{PARTITION[1]}/1/5"
+    connect(owner, credits=0)
+    owner.next_response(1)
+    owner.take(PARTITION, message("a", kind=records_pb2.MessageKind.MESSAGE_KIND_CANCEL),
+               None, Acks().record(), stored_with_second_attempt_out(attempt_id), checked=True)
+    assert list(owner.next_response(1).cancel) == [attempt_id]
+    [write] = owner.collect().writes
+    assert write.state == State.TASK_STATE_CANCELLED
+    [interrupted] = write.history.attempts
+    assert interrupted.attempt_number == 2
+    assert interrupted.exit_reason == Exit.EXIT_REASON_CANCELLED
+
+
+def test_a_partition_lost_while_its_write_was_retried_confirms_nothing(owner):
+    owner.take(PARTITION, message("a"), ECHO, Acks().record())
+    connect(owner, credits=1)
+    [assignment] = assignments(owner)
+    report(owner, assignment)
+    batch = owner.collect()
+    owner.disown(PARTITION)  # the flusher's re-check found another epoch
+    assert owner.flushed(batch) == []  # its successor publishes the outcome
+    response = owner.next_response(1)
+    assert list(response.moved) == [assignment.attempt_id] and not response.durable
+
+
+def test_assignments_of_large_payloads_are_spread_over_several_messages(owner):
+    for i in range(5):
+        owner.take(PARTITION, message(f"big{i}", payload=b"x" * (1024 * 1024)), ECHO,
+                   Acks().record())
+    connect(owner, credits=5)
+    first, second = assignments(owner), assignments(owner)
+    assert (len(first), len(second)) == (3, 2)
+    assert dispatcher_pb2.WorkResponse(assignments=first).ByteSize() <= 4 * 1024 * 1024
