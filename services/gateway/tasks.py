@@ -16,6 +16,7 @@ from libs.errors import InvalidArgument, NotFound, Unavailable
 from libs.pagetoken import PageTokens
 from services.gateway import validation
 from services.gateway.auth import current_tenant
+from services.gateway.coalesce import Coalescer
 from services.gateway.control import ScanPosition, TaskControl, scan_tasks
 from services.gateway.engine import Submitter, raise_for_single
 from services.gateway.filters import TaskFilter
@@ -34,6 +35,8 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
                  notifier: Callable[[], notifier_pb2_grpc.NotifierServiceStub],
                  streams: StreamQuota, tokens: PageTokens, allow_private_targets: bool) -> None:
         self._submitter = submitter
+        self._singles = Coalescer(lambda tenant, requests: submitter.create(
+            tenant, requests, prefix=lambda i: ""))
         self._control = control
         self._tasks = control.tasks
         self._listing = control.listing
@@ -49,8 +52,7 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
                    ) -> tasks_pb2.Task:
         validation.check_create(request, max_payload_bytes=self._max_payload,
                                 allow_private_targets=self._allow_private)
-        created = self._submitter.create(current_tenant.get(), [request], prefix=lambda i: "")
-        return raise_for_single(created[0])
+        return raise_for_single(self._singles.create(current_tenant.get(), request))
 
     def BatchCreateTasks(self, request: tasks_pb2.BatchCreateTasksRequest, context: Context
                          ) -> tasks_pb2.BatchCreateTasksResponse:
