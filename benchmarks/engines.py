@@ -61,15 +61,17 @@ def bench_cassandra(config: weir_config.WeirConfig, operations: int = 2_000) -> 
     session = connect(config, keyspace="")
     try:
         migrate(session, keyspace=keyspace, replication_factor=1)
+        # A task's creation as the gateway writes it: spec, state and status statics plus
+        # its first history row.
         insert = session.prepare(
-            "INSERT INTO tasks (tenant_id, task_id, function, state, create_time, update_time, "
-            "record) VALUES (?, ?, ?, ?, ?, ?, ?)")
-        record = os.urandom(400)
+            "INSERT INTO task_state (tenant_id, task_id, seq, spec, state, status, history) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)")
+        spec, status, history = os.urandom(400), os.urandom(40), os.urandom(80)
         writes = []
         for i in range(operations):
-            now = datetime.now(UTC)
+            seq = int(datetime.now(UTC).timestamp() * 1_000_000)
             began = time.perf_counter()
-            session.execute(insert, ("bench", f"t{i}", "echo", 1, now, now, record))
+            session.execute(insert, ("bench", f"t{i}", seq, spec, 2, status, history))
             writes.append((time.perf_counter() - began) * 1000)
 
         dedup = DedupStore(session)

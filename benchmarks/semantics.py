@@ -23,7 +23,7 @@ from weir.v1 import tasks_pb2
 from benchmarks.common import GATEWAY, bench_tenant, header, percentiles, save
 from libs import config as weir_config
 from libs.cassandra.session import close, connect
-from libs.cassandra.tasks import FINAL_STATES, TaskKey, TaskStore
+from libs.cassandra.taskstate import FINAL_STATES, TaskKey, TaskStateStore
 from libs.sdk import Client
 
 State = tasks_pb2.TaskState
@@ -35,7 +35,7 @@ def at(delta: timedelta) -> timestamp_pb2.Timestamp:
     return when
 
 
-def timer_lateness(client: Client, store: TaskStore, tenant_id: str, count: int) -> dict:
+def timer_lateness(client: Client, store: TaskStateStore, tenant_id: str, count: int) -> dict:
     rng = random.Random(1)
     ids = []
     for _ in range(count):
@@ -52,9 +52,8 @@ def timer_lateness(client: Client, store: TaskStore, tenant_id: str, count: int)
         time.sleep(1)
     queued, running = [], []
     for item in found:
-        due = item.record.task.schedule_time.ToNanoseconds() / 1e9
-        stages = {s.state: s.time.ToNanoseconds() / 1e9 for s in store.stages(tenant_id,
-                                                                               item.record.task.task_id)}
+        due = item.spec.task.schedule_time.ToNanoseconds() / 1e9
+        stages = {s.state: s.time.ToNanoseconds() / 1e9 for s in item.stages()}
         queued.append((stages[State.TASK_STATE_QUEUED] - due) * 1000)
         running.append((stages[State.TASK_STATE_RUNNING] - due) * 1000)
     return {"tasks": count, "created_per_second": 10,
@@ -79,7 +78,7 @@ def main() -> None:
     config = weir_config.load()
     session = connect(config)
     tenant_id, api_key = bench_tenant(session)
-    store = TaskStore(session, service="bench")
+    store = TaskStateStore(session)
     result = header()
     try:
         with Client(GATEWAY, api_key=api_key, timeout=120) as client:
