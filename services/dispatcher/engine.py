@@ -123,9 +123,9 @@ class Intake:
         items = []
         for task in batch.tasks:
             key = TaskKey(task.tenant_id, task.task_id)
+            # A control record is always checked against the stored task: one the owner holds
+            # now may be written and let go before the record is taken.
             needs_state = replaying or task.check_state or bool(task.kind)
-            if task.kind == Kind.MESSAGE_KIND_CANCEL and self._owner.holds(key):
-                needs_state = False
             read = resolve(self._tasks.read_async(key)) if needs_state else None
             self._functions.get(task.tenant_id, task.function)  # warm, outside the lock
             items.append(_Pending(task, ack, read))

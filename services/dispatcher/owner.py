@@ -337,10 +337,6 @@ class Owner:
             state = self._partitions.get(partition)
             return state is not None and state.ready
 
-    def holds(self, key: TaskKey) -> bool:
-        with self._lock:
-            return key in self._held
-
     def ready_count(self) -> int:
         with self._lock:
             return len(self._ready)

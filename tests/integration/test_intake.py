@@ -3,6 +3,7 @@ checked against the task's stored state, so a task that finished in between neve
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -71,3 +72,53 @@ def test_a_record_delivered_again_after_a_rewind_does_not_run_a_finished_task_ag
     eventually(lambda: again.outcomes == ["ack"], timeout=10, message="acked after its read")
     assert not owner.has_changes() and owner.stats()["held"] == 0
     assert tasks.get(key).state == State.TASK_STATE_SUCCEEDED
+
+
+def test_a_cancel_of_a_task_the_owner_let_go_before_taking_the_record_still_cancels_it(
+        cassandra):
+    """A cancel record offered while the owner holds its task is taken a moment later, when
+    the task may have been written and let go: its stored state decides, not the memory."""
+    tasks = TaskStateStore(cassandra)
+    topic, key = unique("topic"), TaskKey(unique("tenant"), "t1")
+    now = datetime.now(UTC)
+    spec = records_pb2.TaskSpec(tenant_id=key.tenant_id, topic=topic, partition=0)
+    spec.task.task_id, spec.task.function = key.task_id, "echo"
+    spec.task.create_time.CopyFrom(timestamp_of(now))
+    spec.task.schedule_time.CopyFrom(timestamp_of(now + timedelta(hours=1)))
+    tasks.create(spec, state=State.TASK_STATE_SCHEDULED, stages=[]).result()
+    owner = Owner(lease=timedelta(seconds=30), dispatcher_id="d1")
+    start = int(now.timestamp() * 1e6)
+    owner.own(Ownership(topic, 0, epoch=1, range_start=start, range_end=start + 60_000_000,
+                        timer_minute=None), replay_below=0)
+    owner.adopted((topic, 0))
+    intake = Intake(owner=owner, tasks=tasks, functions=Functions(FunctionStore(cassandra)))
+    fresh = records_pb2.TaskMessage(tenant_id=key.tenant_id, task_id=key.task_id,
+                                    function="echo", create_time=spec.task.create_time,
+                                    schedule_time=spec.task.schedule_time)
+    created = Delivery(topic, 0, 2,
+                       records_pb2.TaskMessageBatch(tasks=[fresh]).SerializeToString())
+    intake.offer(created)
+    eventually(lambda: owner.stats()["held"] == 1, timeout=10, message="the task held")
+
+    # The cancel arrives while the task is held, and waits behind other intake work...
+    blocked, release = threading.Event(), threading.Event()
+    intake._reads.submit(lambda: (blocked.set(), release.wait(10)))
+    assert blocked.wait(10)
+    cancel = records_pb2.TaskMessage(tenant_id=key.tenant_id, task_id=key.task_id,
+                                     function="echo", kind=records_pb2.MESSAGE_KIND_CANCEL,
+                                     reason="batch cancel")
+    record = Delivery(topic, 0, 3,
+                      records_pb2.TaskMessageBatch(tasks=[cancel]).SerializeToString())
+    intake.offer(record)
+    # ...while its timer is written and the owner lets it go.
+    owner.flushed(owner.collect())
+    assert created.outcomes == ["ack"] and owner.stats()["held"] == 0
+    release.set()
+
+    eventually(lambda: owner.has_changes(), timeout=10, message="the cancel taken")
+    batch = owner.collect()
+    for write in batch.writes:  # what the Flusher does with a batch
+        tasks.write(write).result()
+    owner.flushed(batch)
+    assert record.outcomes == ["ack"]
+    assert tasks.get(key).state == State.TASK_STATE_CANCELLED
