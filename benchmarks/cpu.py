@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.resources import RUN_DIR, TICKS
+from benchmarks.resources import RUN_DIR, TICKS, proc_stat
 
 
 def run_dir() -> Path:
@@ -23,10 +23,10 @@ def run_dir() -> Path:
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU of one process (all its threads), from /proc/<pid>/stat."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    # The command name may hold spaces and parentheses: fields start after the last ')'.
-    fields = text[text.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    stat = proc_stat(pid)
+    if stat is None:
+        raise ProcessLookupError(pid)
+    return stat[1]
 
 
 def _listening_inodes(port: int) -> set[str]:

@@ -23,7 +23,7 @@ class Usage:
     rss_bytes: int
 
 
-def _stat(pid: int) -> tuple[int, float, int] | None:
+def proc_stat(pid: int) -> tuple[int, float, int] | None:
     """(parent pid, CPU seconds, resident bytes) of a live process, else None."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
@@ -37,7 +37,7 @@ def _stat(pid: int) -> tuple[int, float, int] | None:
 
 def snapshot(run_dir: Path = RUN_DIR) -> dict[str, Usage]:
     """Usage of each pid-file process and its descendants, by name."""
-    stats = {int(p): s for p in os.listdir("/proc") if p.isdigit() and (s := _stat(int(p)))}
+    stats = {int(p): s for p in os.listdir("/proc") if p.isdigit() and (s := proc_stat(int(p)))}
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in stats.items():
         children.setdefault(ppid, []).append(pid)

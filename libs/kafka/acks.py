@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+from collections.abc import Callable
 
 
 class PartitionAckTracker:
@@ -55,3 +56,20 @@ class PartitionAckTracker:
     def outstanding_count(self) -> int:
         with self._lock:
             return len(self._pending)
+
+
+class Countdown:
+    """Calls ``then`` once `tick` has been called ``count`` times, from any threads: a record
+    acknowledged once each of its parts (tasks, deliveries) is done."""
+
+    def __init__(self, count: int, then: Callable[[], None]) -> None:
+        self._left = count
+        self._then = then
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        with self._lock:
+            self._left -= 1
+            finished = self._left == 0
+        if finished:
+            self._then()

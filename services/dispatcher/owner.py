@@ -37,6 +37,7 @@ from libs.cassandra.taskstate import (
     now_utc,
     timestamp_of,
 )
+from libs.kafka.acks import Countdown
 from libs.retry import RetryPolicy, decide
 
 log = logging.getLogger(__name__)
@@ -66,22 +67,16 @@ PartitionId = tuple[str, int]
 FunctionsNow = Callable[[str, str, functions_pb2.Function | None], functions_pb2.Function | None]
 
 
-class RecordAck:
+class RecordAck(Countdown):
     """Acknowledges a Kafka record once each of its tasks has had its first durable write."""
 
     def __init__(self, ack: Callable[[], None], count: int,
                  nack: Callable[[], None] = lambda: None) -> None:
-        self._ack = ack
+        super().__init__(count, ack)
         self._nack = nack
-        self._left = count
-        self._lock = threading.Lock()
 
     def done(self) -> None:
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self._ack()
+        self.tick()
 
     def nack(self) -> None:
         """The record must come again (its partition changed hands mid-way): once."""

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from libs.cassandra.functions import FunctionStore
 from libs.cassandra.taskstate import FINAL_STATES, now_utc
 from libs.cassandra.tenants import TenantStore
 from libs.errors import excerpt
+from libs.kafka.acks import Countdown
 from libs.kafka.client import Consumer, ConsumerLoop, Message
 from libs.schedule import Schedule
 from services.notifier.watch import Watchers
@@ -168,22 +168,6 @@ class WebhookSender:
                           extra={"task_id": d.task_id, "status": status})
         finally:
             d.done()
-
-
-class Countdown:
-    """Calls ``then`` once `tick` has been called ``count`` times, from any threads."""
-
-    def __init__(self, count: int, then: Callable[[], None]) -> None:
-        self._left = count
-        self._then = then
-        self._lock = threading.Lock()
-
-    def tick(self) -> None:
-        with self._lock:
-            self._left -= 1
-            finished = self._left == 0
-        if finished:
-            self._then()
 
 
 class Notifier:

@@ -37,21 +37,42 @@ class Delivery:
         self.outcomes.append("nack")
 
 
-def test_a_record_delivered_again_after_a_rewind_does_not_run_a_finished_task_again(
-        cassandra):
+@dataclass
+class OwnedTask:
+    """One stored task on a partition an owner has adopted, and the intake in front of it."""
+
+    tasks: TaskStateStore
+    key: TaskKey
+    spec: records_pb2.TaskSpec
+    owner: Owner
+    intake: Intake
+    start: int  # the owner's first write timestamp
+
+
+def owned_task(cassandra, *, state: int, schedule: timedelta | None = None) -> OwnedTask:
     tasks = TaskStateStore(cassandra)
     topic, key = unique("topic"), TaskKey(unique("tenant"), "t1")
     now = datetime.now(UTC)
     spec = records_pb2.TaskSpec(tenant_id=key.tenant_id, topic=topic, partition=0)
     spec.task.task_id, spec.task.function = key.task_id, "echo"
     spec.task.create_time.CopyFrom(timestamp_of(now))
-    tasks.create(spec, state=State.TASK_STATE_QUEUED, stages=[]).result()
+    if schedule is not None:
+        spec.task.schedule_time.CopyFrom(timestamp_of(now + schedule))
+    tasks.create(spec, state=state, stages=[]).result()
     owner = Owner(lease=timedelta(seconds=30), dispatcher_id="d1")
     start = int(now.timestamp() * 1e6)
     owner.own(Ownership(topic, 0, epoch=1, range_start=start, range_end=start + 60_000_000,
                         timer_minute=None), replay_below=0)
     owner.adopted((topic, 0))
     intake = Intake(owner=owner, tasks=tasks, functions=Functions(FunctionStore(cassandra)))
+    return OwnedTask(tasks, key, spec, owner, intake, start)
+
+
+def test_a_record_delivered_again_after_a_rewind_does_not_run_a_finished_task_again(
+        cassandra):
+    it = owned_task(cassandra, state=State.TASK_STATE_QUEUED)
+    tasks, key, spec, owner, intake = it.tasks, it.key, it.spec, it.owner, it.intake
+    topic, start = spec.topic, it.start
     message = records_pb2.TaskMessage(tenant_id=key.tenant_id, task_id=key.task_id,
                                       function="echo", create_time=spec.task.create_time)
     value = records_pb2.TaskMessageBatch(tasks=[message]).SerializeToString()
@@ -78,20 +99,9 @@ def test_a_cancel_of_a_task_the_owner_let_go_before_taking_the_record_still_canc
         cassandra):
     """A cancel record offered while the owner holds its task is taken a moment later, when
     the task may have been written and let go: its stored state decides, not the memory."""
-    tasks = TaskStateStore(cassandra)
-    topic, key = unique("topic"), TaskKey(unique("tenant"), "t1")
-    now = datetime.now(UTC)
-    spec = records_pb2.TaskSpec(tenant_id=key.tenant_id, topic=topic, partition=0)
-    spec.task.task_id, spec.task.function = key.task_id, "echo"
-    spec.task.create_time.CopyFrom(timestamp_of(now))
-    spec.task.schedule_time.CopyFrom(timestamp_of(now + timedelta(hours=1)))
-    tasks.create(spec, state=State.TASK_STATE_SCHEDULED, stages=[]).result()
-    owner = Owner(lease=timedelta(seconds=30), dispatcher_id="d1")
-    start = int(now.timestamp() * 1e6)
-    owner.own(Ownership(topic, 0, epoch=1, range_start=start, range_end=start + 60_000_000,
-                        timer_minute=None), replay_below=0)
-    owner.adopted((topic, 0))
-    intake = Intake(owner=owner, tasks=tasks, functions=Functions(FunctionStore(cassandra)))
+    it = owned_task(cassandra, state=State.TASK_STATE_SCHEDULED, schedule=timedelta(hours=1))
+    tasks, key, spec, owner, intake = it.tasks, it.key, it.spec, it.owner, it.intake
+    topic = spec.topic
     fresh = records_pb2.TaskMessage(tenant_id=key.tenant_id, task_id=key.task_id,
                                     function="echo", create_time=spec.task.create_time,
                                     schedule_time=spec.task.schedule_time)
