@@ -102,6 +102,13 @@ class WeirConfig:
         30.0, "How long a dispatch lease lasts unless renewed (dispatchers tell their "
         "executors); a dead executor's attempts are retried about this long after its last "
         "renewal.", check=_positive, rule="> 0")
+    normal_min_share: float = setting(
+        0.2, "Least share of a dispatcher's dispatches NORMAL tasks get while HIGH ones wait "
+        "too (HIGH takes the rest).", check=lambda v: 0 <= v < 0.5, rule="0 <= share < 0.5")
+    low_min_share: float = setting(
+        0.1, "Least share of a dispatcher's dispatches LOW tasks get while higher tiers wait "
+        "too, so bulk work never starves.", check=lambda v: 0 <= v < 0.5,
+        rule="0 <= share < 0.5")
     sweep_interval_seconds: float = setting(
         2.0, "How often the gateway's sweeper looks for stored tasks not confirmed on Kafka.",
         check=_positive, rule="> 0")

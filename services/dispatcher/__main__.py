@@ -3,6 +3,8 @@
 import os
 from datetime import timedelta
 
+from weir.v1.common_pb2 import Priority
+
 from libs import service
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.functions import FunctionStore
@@ -35,7 +37,9 @@ def start(config: WeirConfig) -> service.Started:
     owners = PartitionOwners(session)
     functions = Functions(FunctionStore(session))
     owner_name = f"dispatcher-{config.advertise_host}-{os.getpid()}"
-    owner = Owner(lease=lease, dispatcher_id=owner_name, functions=functions.now)
+    owner = Owner(lease=lease, dispatcher_id=owner_name, functions=functions.now,
+                  shares={Priority.PRIORITY_NORMAL: config.normal_min_share,
+                          Priority.PRIORITY_LOW: config.low_min_share})
     server = create_server(config, owner=owner)
     results = next(t for t in weir_topics(config) if t.name == results_topic(config.topic_prefix))
     timers = TimerWheel(owner=owner, index=index, tasks=tasks, owners=owners,

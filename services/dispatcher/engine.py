@@ -48,7 +48,11 @@ Kind = records_pb2.MessageKind
 FLUSH_SECONDS = 0.004  # changes wait at most this long to be written together
 VERIFY_SECONDS = 0.1  # epochs are re-read before a flush when older than this
 TIMER_MARGIN = timedelta(seconds=15)  # a minute's timers are done this long after it ends
-READY_LIMIT = 5000  # tasks in the ready queue before consuming pauses
+# Consuming pauses where tasks taken pile up waiting (memory stays bounded): a partition's
+# records at this many, and a whole topic's (one priority tier) at TIER_LIMIT. By tier, so a
+# deep LOW backlog never stops HIGH records from being read.
+PARTITION_LIMIT = 1000
+TIER_LIMIT = 5000
 
 
 def resolve(future: ResponseFuture) -> Future:
@@ -614,6 +618,17 @@ class Flusher:
                 self._parked.unpark(message)
 
 
+def backlogged(waiting: dict[PartitionId, int], owned: Iterable[PartitionId]
+               ) -> set[PartitionId]:
+    """The owned partitions to stop reading: their own waiting tasks, or their topic's (one
+    priority tier), at the limit."""
+    by_topic: dict[str, int] = {}
+    for (topic, _), count in waiting.items():
+        by_topic[topic] = by_topic.get(topic, 0) + count
+    return {p for p in owned
+            if waiting.get(p, 0) >= PARTITION_LIMIT or by_topic.get(p[0], 0) >= TIER_LIMIT}
+
+
 class PartitionConsumer:
     """The consumer group side: assignment and revocation, pausing what is not adopted yet
     or while the ready queue is full, all on the consumer's own thread."""
@@ -624,7 +639,7 @@ class PartitionConsumer:
         self._adoption: Adoption | None = None
         self._consumer: Consumer | None = None
         self._commands: deque[Callable[[], None]] = deque()
-        self._paused_for_backlog = False
+        self._paused_for_backlog: set[TopicPartition] = set()
 
     def bind(self, consumer: Consumer, adoption: Adoption) -> None:
         self._consumer = consumer
@@ -635,6 +650,8 @@ class PartitionConsumer:
         self._commands.append(lambda: self._take_over(partitions))
 
     def revoked(self, partitions: set[TopicPartition]) -> None:
+        # Assigned again, they start from scratch (on the consumer thread, like `between`).
+        self._commands.append(lambda: self._paused_for_backlog.difference_update(partitions))
         for tp in partitions:
             if self._adoption is not None:
                 self._adoption.cancel(tp)
@@ -650,11 +667,15 @@ class PartitionConsumer:
         while self._commands:
             self._commands.popleft()()
         assert self._consumer is not None
-        full = self._owner.ready_count() >= READY_LIMIT
-        if full != self._paused_for_backlog:
-            owned = {TopicPartition(t, p) for t, p in self._owner.owned()}
-            (self._consumer.pause if full else self._consumer.resume)(owned)
-            self._paused_for_backlog = full
+        ours = self._owner.owned()
+        owned = {TopicPartition(t, p) for t, p in ours}
+        pause = {TopicPartition(t, p) for t, p in backlogged(self._owner.waiting(), ours)}
+        if pause - self._paused_for_backlog:
+            self._consumer.pause(pause - self._paused_for_backlog)
+        resume = (self._paused_for_backlog & owned) - pause
+        if resume:
+            self._consumer.resume(resume)
+        self._paused_for_backlog = pause
 
     def _take_over(self, partitions: set[TopicPartition]) -> None:
         assert self._consumer is not None and self._adoption is not None

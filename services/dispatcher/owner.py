@@ -14,8 +14,8 @@ import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -54,6 +54,8 @@ WAITING = frozenset({State.TASK_STATE_ACCEPTED, State.TASK_STATE_QUEUED,
 OUT = frozenset({State.TASK_STATE_DISPATCHED, State.TASK_STATE_RUNNING})
 TIERS = (common_pb2.Priority.PRIORITY_HIGH, common_pb2.Priority.PRIORITY_NORMAL,
          common_pb2.Priority.PRIORITY_LOW)
+# Each lower tier's minimum share of the dispatches while a higher tier waits too.
+DEFAULT_SHARES = {common_pb2.Priority.PRIORITY_NORMAL: 0.2, common_pb2.Priority.PRIORITY_LOW: 0.1}
 DEFAULT_TIMEOUT = timedelta(seconds=60)
 SERVICE = "dispatcher"
 # An attempt is written once it has been out this long, or when it ends if sooner: a short
@@ -193,32 +195,73 @@ class FlushBatch:
 
 
 class ReadyQueue:
-    """Tasks waiting for a slot: higher tiers first; within a tier, partitions take turns,
-    so one tenant's flood on its partitions does not hold up the others."""
+    """Tasks waiting for a slot.
 
-    def __init__(self) -> None:
+    Higher tiers go first, but while a higher tier waits too, each lower tier is owed its
+    minimum share of the pops (`shares`, e.g. LOW 0.1: every tenth pop), so LOW never
+    starves and HIGH still takes the rest. Within a tier, partitions take turns, so one
+    tenant's flood on its partitions does not hold up the others. Tasks a limit holds back
+    wait aside by the limit's key until `release`; they still count as waiting on their
+    partition (`waiting`), which is what consuming pauses on.
+    """
+
+    def __init__(self, shares: Mapping[int, float] | None = None) -> None:
         self._tiers: dict[int, OrderedDict[PartitionId, deque[Held]]] = {
             t: OrderedDict() for t in TIERS}
+        self._shares = dict(DEFAULT_SHARES if shares is None else shares)
+        if sum(self._shares.values()) >= 1:
+            raise ValueError(f"the lower tiers' shares add up to 1 or more: {self._shares}")
+        self._owed = {t: 0.0 for t in TIERS}
+        self._aside: dict[object, deque[Held]] = {}
+        self._waiting: Counter[PartitionId] = Counter()
         self._count = 0
 
     def __len__(self) -> int:
+        """Tasks ready to go (not those set aside)."""
         return self._count
 
     def push(self, held: Held) -> None:
+        self._queue(held)
+        self._waiting[held.partition] += 1
+
+    def _queue(self, held: Held) -> None:
         tier = held.message.priority if held.message.priority in self._tiers else TIERS[1]
         self._tiers[tier].setdefault(held.partition, deque()).append(held)
         self._count += 1
 
     def pop(self) -> Held | None:
-        for queues in self._tiers.values():
-            while queues:
-                partition, queue = next(iter(queues.items()))
-                queues.move_to_end(partition)
-                if queue:
-                    self._count -= 1
-                    return queue.popleft()
-                del queues[partition]
+        tier = self._next_tier()
+        if tier is None:
+            return None
+        queues = self._tiers[tier]
+        while queues:
+            partition, queue = next(iter(queues.items()))
+            queues.move_to_end(partition)
+            if queue:
+                self._count -= 1
+                held = queue.popleft()
+                self._uncount(held.partition)
+                return held
+            del queues[partition]
         return None
+
+    def _next_tier(self) -> int | None:
+        """The highest waiting tier, unless a lower waiting tier has earned its turn."""
+        waiting = [t for t in TIERS if any(self._tiers[t].values())]
+        for tier in TIERS:
+            if tier not in waiting:
+                self._owed[tier] = 0.0  # no banking a share while idle
+        if not waiting:
+            return None
+        for tier in waiting[1:]:
+            # Capped at 2, not 1: two tiers due at once both keep their turn.
+            self._owed[tier] = min(2.0, self._owed[tier] + self._shares.get(tier, 0.0))
+        due = [t for t in waiting[1:] if self._owed[t] >= 1.0 - 1e-9]  # 10 × 0.1 < 1.0
+        if not due:
+            return waiting[0]
+        tier = max(due, key=lambda t: self._owed[t])
+        self._owed[tier] -= 1.0
+        return tier
 
     def remove(self, held: Held) -> bool:
         for queues in self._tiers.values():
@@ -226,15 +269,53 @@ class ReadyQueue:
             if queue is not None and held in queue:
                 queue.remove(held)
                 self._count -= 1
+                self._uncount(held.partition)
                 return True
         return False
+
+    def set_aside(self, key: object, held: Held) -> None:
+        """A popped task that a limit holds back: it waits under ``key``."""
+        self._aside.setdefault(key, deque()).append(held)
+        self._waiting[held.partition] += 1
+
+    def release(self, key: object, count: int = 1) -> None:
+        """Up to ``count`` tasks set aside under ``key`` become ready again, oldest first."""
+        aside = self._aside.get(key)
+        while aside and count > 0:
+            self._queue(aside.popleft())
+            count -= 1
+        if aside is not None and not aside:
+            del self._aside[key]
+
+    def aside(self, key: object) -> int:
+        return len(self._aside.get(key, ()))
+
+    def aside_keys(self) -> list[object]:
+        return list(self._aside)
+
+    def waiting(self) -> dict[PartitionId, int]:
+        """Tasks waiting per partition, ready or set aside."""
+        return dict(self._waiting)
 
     def drop_partition(self, partition: PartitionId) -> list[Held]:
         dropped: list[Held] = []
         for queues in self._tiers.values():
             dropped += queues.pop(partition, deque())
         self._count -= len(dropped)
+        for key, aside in list(self._aside.items()):
+            kept = deque(h for h in aside if h.partition != partition)
+            dropped += [h for h in aside if h.partition == partition]
+            if kept:
+                self._aside[key] = kept
+            else:
+                del self._aside[key]
+        self._waiting.pop(partition, None)
         return dropped
+
+    def _uncount(self, partition: PartitionId) -> None:
+        self._waiting[partition] -= 1
+        if self._waiting[partition] <= 0:
+            del self._waiting[partition]
 
 
 class Owner:
@@ -242,7 +323,8 @@ class Owner:
 
     def __init__(self, *, lease: timedelta, dispatcher_id: str,
                  clock: Callable[[], float] = time.monotonic,
-                 functions: FunctionsNow | None = None) -> None:
+                 functions: FunctionsNow | None = None,
+                 shares: Mapping[int, float] | None = None) -> None:
         self._lease = lease
         self._id = dispatcher_id
         self._clock = clock
@@ -253,11 +335,10 @@ class Owner:
         self._partitions: dict[PartitionId, Partition] = {}
         self._held: dict[TaskKey, Held] = {}
         self._attempts: dict[str, Held] = {}  # attempt id -> task out at an executor
-        # max_concurrent_dispatches: attempts out per (tenant, function), and the tasks
-        # waiting because their function is at its cap.
+        # max_concurrent_dispatches: attempts out per (tenant, function); the tasks waiting
+        # because their function is at its cap are set aside in the ready queue.
         self._out: dict[tuple[str, str], int] = {}
-        self._capped: dict[tuple[str, str], deque[Held]] = {}
-        self._ready = ReadyQueue()
+        self._ready = ReadyQueue(shares)
         self._dirty: dict[TaskKey, Held] = {}
         self._streams: dict[int, Stream] = {}
         self._attempt_ids = itertools.count(1)
@@ -332,9 +413,10 @@ class Owner:
             state = self._partitions.get(partition)
             return state is not None and state.ready
 
-    def ready_count(self) -> int:
+    def waiting(self) -> dict[PartitionId, int]:
+        """Tasks taken and waiting for a slot, per partition (ready or held back by a limit)."""
         with self._lock:
-            return len(self._ready)
+            return self._ready.waiting()
 
     # --- taking tasks ----------------------------------------------------------------------
 
@@ -793,7 +875,7 @@ class Owner:
             cap = held.function.rate_limits.max_concurrent_dispatches if held.function else 0
             function = (held.key.tenant_id, held.message.function)
             if cap and self._out.get(function, 0) >= cap:
-                self._capped.setdefault(function, deque()).append(held)
+                self._ready.set_aside(function, held)
                 continue
             self._dispatch(held, stream)
 
@@ -813,11 +895,7 @@ class Owner:
             self._out[function] = left
         else:
             self._out.pop(function, None)
-        waiting = self._capped.get(function)
-        if waiting:
-            self._ready.push(waiting.popleft())
-            if not waiting:
-                del self._capped[function]
+        self._ready.release(function)
 
     def _dispatch(self, held: Held, stream: Stream) -> None:
         partition = self._partitions[held.partition]
