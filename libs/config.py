@@ -80,7 +80,9 @@ class WeirConfig:
                                          rule="0..65535")
     notifier_port: int = setting(50055, "Notifier port.", check=_port, rule="0..65535")
 
-    router_address: str = setting("127.0.0.1:50052", "Where gateways reach a router.")
+    router_address: str = setting(
+        "127.0.0.1:50052", "Where gateways and dispatchers reach the router (one router: it "
+        "holds the dispatchers' shares of the cluster-wide limits).")
     dispatcher_addresses: str = setting(
         "127.0.0.1:50053", "Dispatchers an executor-manager takes work from (one Work stream "
         "to each), comma-separated.")

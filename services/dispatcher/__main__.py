@@ -3,9 +3,10 @@
 import os
 from datetime import timedelta
 
+from weir.internal.router.v1 import router_pb2_grpc
 from weir.v1.common_pb2 import Priority
 
-from libs import service
+from libs import service, tls
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.owners import PartitionOwners
@@ -16,11 +17,13 @@ from libs.cassandra.taskstate import TaskStateStore
 from libs.config import WeirConfig
 from libs.kafka.client import Consumer, ConsumerLoop, Producer
 from libs.kafka.topics import PRIORITY_TIERS, results_topic, task_topic, weir_topics
+from libs.periodic import Periodic
 from services.dispatcher.engine import (
     Adoption,
     Flusher,
     Functions,
     Intake,
+    LimitSync,
     PartitionConsumer,
     Publisher,
     TimerWheel,
@@ -61,6 +64,10 @@ def start(config: WeirConfig) -> service.Started:
                         functions=functions, timers=timers, owner_name=owner_name, lease=lease,
                         resume=partitions.resume)
     partitions.bind(consumer, adoption)
+    router = router_pb2_grpc.RouterServiceStub(tls.Credentials.of(config, "dispatcher").channel(
+        config.router_address, "router"))
+    limits = Periodic("limit-shares", 0.02, LimitSync(
+        owner=owner, router=router, dispatcher_id=owner_name).step).start()
 
     started: list[service.Started] = []
     # A dead loop takes no more tasks: NOT_SERVING, then exit 1 (its partitions move to the
@@ -70,6 +77,7 @@ def start(config: WeirConfig) -> service.Started:
 
     def drain() -> None:
         loop.stop()
+        limits.stop()
         flusher.stop()
         timers.stop()
 

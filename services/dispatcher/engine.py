@@ -10,6 +10,7 @@
   the index rows grouped — then acknowledges records and publishes outcomes; it renews the
   epochs' timestamp ranges and checks, before writing, that the epochs are still ours.
 - `TimerWheel` fires the owned partitions' timers when due.
+- `LimitSync` renews the owner's shares of cluster-wide dispatch limits at the router.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+import grpc
 from cassandra.cluster import ResponseFuture
 from kafka import TopicPartition
+from weir.internal.router.v1 import router_pb2, router_pb2_grpc
 from weir.storage.v1 import records_pb2
 from weir.v1 import functions_pb2
 
@@ -53,6 +56,8 @@ TIMER_MARGIN = timedelta(seconds=15)  # a minute's timers are done this long aft
 # deep LOW backlog never stops HIGH records from being read.
 PARTITION_LIMIT = 1000
 TIER_LIMIT = 5000
+SHARE_SECONDS = 0.25  # how often the limit shares are renewed at the router
+ROUTER_COMPLAINT_SECONDS = 10.0  # an unreachable router is logged at most this often
 
 
 def resolve(future: ResponseFuture) -> Future:
@@ -683,3 +688,39 @@ class PartitionConsumer:
         ends = self._consumer.end_offsets(partitions)
         for tp in partitions:
             self._adoption.start(tp, ends.get(tp, 0))
+
+
+class LimitSync:
+    """Renews this dispatcher's shares of the cluster-wide limits at the router: every
+    `SHARE_SECONDS`, and at once when a limited function waits for its first share.
+    `step` runs every few milliseconds (`libs.periodic.Periodic`)."""
+
+    def __init__(self, *, owner: Owner, router: router_pb2_grpc.RouterServiceStub,
+                 dispatcher_id: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self._owner = owner
+        self._router = router
+        self._id = dispatcher_id
+        self._clock = clock
+        self._last = -SHARE_SECONDS
+        self._complained = -ROUTER_COMPLAINT_SECONDS
+
+    def step(self) -> None:
+        now = self._clock()
+        if now - self._last < SHARE_SECONDS and not self._owner.limits_wanted():
+            return
+        self._last = now
+        demands = self._owner.limit_demands()
+        if not demands:
+            return
+        try:
+            response = self._router.ShareLimits(router_pb2.ShareLimitsRequest(
+                dispatcher_id=self._id, demands=demands), timeout=SHARE_SECONDS * 4)
+        except grpc.RpcError as exc:
+            # Shares run out on their own: limited functions wait; the rest flow on.
+            if now - self._complained >= ROUTER_COMPLAINT_SECONDS:
+                self._complained = now
+                log.warning("cannot renew the limit shares at the router", extra={
+                    "code": exc.code().name if exc.code() else "", "detail": exc.details()})
+            return
+        self._owner.share_limits(list(response.shares),
+                                 lease=response.lease.ToTimedelta().total_seconds())

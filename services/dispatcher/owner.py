@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, status_pb2
 from weir.internal.dispatcher.v1 import dispatcher_pb2
+from weir.internal.router.v1 import router_pb2
 from weir.storage.v1 import records_pb2
 from weir.v1 import common_pb2, functions_pb2, tasks_pb2
 
@@ -39,6 +40,7 @@ from libs.cassandra.taskstate import (
 )
 from libs.kafka.acks import Countdown
 from libs.retry import RetryPolicy, decide
+from services.dispatcher.limits import Limiter, LimitKey
 
 log = logging.getLogger(__name__)
 
@@ -335,9 +337,11 @@ class Owner:
         self._partitions: dict[PartitionId, Partition] = {}
         self._held: dict[TaskKey, Held] = {}
         self._attempts: dict[str, Held] = {}  # attempt id -> task out at an executor
-        # max_concurrent_dispatches: attempts out per (tenant, function); the tasks waiting
-        # because their function is at its cap are set aside in the ready queue.
+        # Attempts out per (tenant, function); a function with limits dispatches within this
+        # dispatcher's share of them (`Limiter`), and its tasks beyond it wait aside in the
+        # ready queue.
         self._out: dict[tuple[str, str], int] = {}
+        self._limiter = Limiter(clock)
         self._ready = ReadyQueue(shares)
         self._dirty: dict[TaskKey, Held] = {}
         self._streams: dict[int, Stream] = {}
@@ -851,11 +855,34 @@ class Owner:
                 log.info("an attempt's lease expired", extra={
                     "tenant": held.key.tenant_id, "task_id": held.key.task_id})
                 self._finish_attempt(held, attempt)
+            for key in self._ready.aside_keys():
+                self._release(key)  # tokens earned since
+            self._assign()
+
+    # --- cluster-wide limits (see services/dispatcher/limits.py) ------------------------------
+
+    def limit_demands(self) -> list[router_pb2.LimitDemand]:
+        """What this dispatcher wants of each limited function, for the router."""
+        with self._lock:
+            return self._limiter.demands(waiting=self._ready.aside,
+                                         out=lambda key: self._out.get(key, 0))
+
+    def limits_wanted(self) -> bool:
+        """Whether a limited function waits for its first share."""
+        with self._lock:
+            return self._limiter.wanted
+
+    def share_limits(self, shares: list[router_pb2.LimitShare], *, lease: float) -> None:
+        """The router's shares: tasks they allow go out."""
+        with self._lock:
+            self._limiter.apply(shares, lease)
+            for key in self._ready.aside_keys():
+                self._release(key)
             self._assign()
 
     def _assign(self) -> None:
         """Hands ready tasks to the executors with credits, most credits first; a task whose
-        function is at its concurrency cap waits aside until one of its attempts ends."""
+        function is at its share of its limits waits aside until the share allows it."""
         while len(self._ready):
             streams = [s for s in self._streams.values() if s.credits > 0 and not s.draining]
             if not streams:
@@ -872,9 +899,10 @@ class Owner:
             if held.function is None or held.function.state in HELD or _expired(held.message):
                 self._admit(held)  # it fails, parks or ends EXPIRED instead
                 continue
-            cap = held.function.rate_limits.max_concurrent_dispatches if held.function else 0
+            limits = held.function.rate_limits
             function = (held.key.tenant_id, held.message.function)
-            if cap and self._out.get(function, 0) >= cap:
+            if Limiter.applies(limits) and not self._limiter.admit(
+                    function, limits, out=self._out.get(function, 0)):
                 self._ready.set_aside(function, held)
                 continue
             self._dispatch(held, stream)
@@ -895,7 +923,13 @@ class Owner:
             self._out[function] = left
         else:
             self._out.pop(function, None)
-        self._ready.release(function)
+        self._release(function)
+
+    def _release(self, key: LimitKey) -> None:
+        count = self._ready.aside(key)
+        if count:
+            self._ready.release(key, min(count, self._limiter.releasable(
+                key, out=self._out.get(key, 0))))
 
     def _dispatch(self, held: Held, stream: Stream) -> None:
         partition = self._partitions[held.partition]

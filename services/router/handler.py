@@ -1,21 +1,35 @@
-"""RouterService: proto in, route out."""
+"""RouterService: proto in, routes and limit shares out."""
 
 from __future__ import annotations
 
+import math
+from datetime import timedelta
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
 from weir.internal.router.v1 import router_pb2, router_pb2_grpc
 from weir.v1 import common_pb2
 
 from libs.errors import InvalidArgument
 from services.router.engine import RouteTable
+from services.router.limits import Allocator, Demand, Limits
 
 MAX_NAME_CHARS = 128
+MAX_DISPATCHER_ID_CHARS = 256
+MAX_DEMANDS = 10_000
+MAX_LIMIT = 1_000_000
+# How long a share holds without renewal (dispatchers renew every 0.25 s). The allocator
+# forgets a silent dispatcher only well after its shares ran out (`Allocator.forget_after`).
+SHARE_LEASE = timedelta(seconds=2)
 
 
 class RouterHandler(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, table: RouteTable) -> None:
+    def __init__(self, table: RouteTable, allocator: Allocator) -> None:
         self._table = table
+        self._allocator = allocator
 
-    def GetRoute(self, request, context):
+    def GetRoute(self, request: router_pb2.GetRouteRequest,
+                 context: grpc.ServicerContext) -> router_pb2.Route:
         problems = {f: f"required; at most {MAX_NAME_CHARS} characters"
                     for f in ("tenant_id", "function")
                     if not 0 < len(getattr(request, f)) <= MAX_NAME_CHARS}
@@ -25,7 +39,52 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
             raise InvalidArgument(problems)
         return self._table.route(request.tenant_id, request.function, request.priority)
 
-    def ListRoutes(self, request, context):
+    def ListRoutes(self, request: router_pb2.ListRoutesRequest,
+                   context: grpc.ServicerContext) -> router_pb2.ListRoutesResponse:
         if not 0 < len(request.tenant_id) <= MAX_NAME_CHARS:
             raise InvalidArgument({"tenant_id": f"required; at most {MAX_NAME_CHARS} characters"})
         return router_pb2.ListRoutesResponse(routes=self._table.routes(request.tenant_id))
+
+    def ShareLimits(self, request: router_pb2.ShareLimitsRequest,
+                    context: grpc.ServicerContext) -> router_pb2.ShareLimitsResponse:
+        problems = {}
+        if not 0 < len(request.dispatcher_id) <= MAX_DISPATCHER_ID_CHARS:
+            problems["dispatcher_id"] = f"required; at most {MAX_DISPATCHER_ID_CHARS} characters"
+        if len(request.demands) > MAX_DEMANDS:
+            problems["demands"] = f"at most {MAX_DEMANDS:,}"
+        for n, demand in enumerate(request.demands[:MAX_DEMANDS]):
+            problems.update(_demand_problems(f"demands[{n}]", demand))
+            if len(problems) >= 50:
+                break
+        if problems:
+            raise InvalidArgument(problems)
+        grants = self._allocator.share(request.dispatcher_id, [Demand(
+            key=(d.tenant_id, d.function),
+            limits=Limits(rate=d.limits.max_dispatches_per_second, burst=d.limits.max_burst_size,
+                          concurrency=d.limits.max_concurrent_dispatches),
+            waiting=d.waiting, out=d.out, held_rate=d.held_rate, held_slots=d.held_slots)
+            for d in request.demands])
+        lease = Duration()
+        lease.FromTimedelta(SHARE_LEASE)
+        return router_pb2.ShareLimitsResponse(lease=lease, shares=[router_pb2.LimitShare(
+            tenant_id=g.key[0], function=g.key[1], rate=g.rate, burst=g.burst, slots=g.slots)
+            for g in grants])
+
+
+def _demand_problems(path: str, demand: router_pb2.LimitDemand) -> dict[str, str]:
+    problems = {f"{path}.{f}": f"required; at most {MAX_NAME_CHARS} characters"
+                for f in ("tenant_id", "function")
+                if not 0 < len(getattr(demand, f)) <= MAX_NAME_CHARS}
+    limits = demand.limits
+    if not (math.isfinite(limits.max_dispatches_per_second)
+            and 0 <= limits.max_dispatches_per_second <= MAX_LIMIT):
+        problems[f"{path}.limits.max_dispatches_per_second"] = f"0 to {MAX_LIMIT:,}"
+    for f in ("max_burst_size", "max_concurrent_dispatches"):
+        if not 0 <= getattr(limits, f) <= MAX_LIMIT:
+            problems[f"{path}.limits.{f}"] = f"0 to {MAX_LIMIT:,}"
+    for f in ("waiting", "out", "held_slots"):
+        if getattr(demand, f) < 0:
+            problems[f"{path}.{f}"] = "not negative"
+    if not (math.isfinite(demand.held_rate) and demand.held_rate >= 0):
+        problems[f"{path}.held_rate"] = "a finite number, not negative"
+    return problems

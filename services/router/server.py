@@ -9,14 +9,17 @@ from libs.config import WeirConfig
 from libs.grpcserver import GrpcServer, create_server as create_grpc_server, servicer
 from services.router.engine import RouteTable
 from services.router.handler import RouterHandler
+from services.router.limits import Allocator
 
-# Gateways route the tasks they accept.
-CALLERS = {"weir.internal.router.v1.RouterService": {"gateway"}}
+# Gateways route the tasks they accept; dispatchers share the cluster-wide limits.
+CALLERS = {"weir.internal.router.v1.RouterService": {"gateway"},
+           "/weir.internal.router.v1.RouterService/ShareLimits": {"dispatcher"}}
 
 
-def create_server(config: WeirConfig, *, routes: RouteTable) -> GrpcServer:
-    """Serves RouterService from the route table, over mutual TLS."""
+def create_server(config: WeirConfig, *, routes: RouteTable,
+                  allocator: Allocator) -> GrpcServer:
+    """Serves RouterService from the route table and the limit allocator, over mutual TLS."""
     return create_grpc_server(
         host=config.internal_bind_host, port=config.router_port, workers=config.grpc_workers,
         credentials=tls.Credentials.of(config, "router"), callers=CALLERS,
-        servicers=[servicer(router_pb2_grpc, "RouterService", RouterHandler(routes))])
+        servicers=[servicer(router_pb2_grpc, "RouterService", RouterHandler(routes, allocator))])

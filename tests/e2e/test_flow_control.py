@@ -1,10 +1,12 @@
-"""Flow control on the running suite: priority tiers with a starvation bound."""
+"""Flow control on the running suite: priority tiers with a starvation bound, and dispatch
+limits that hold across the whole cluster."""
 
 from __future__ import annotations
 
 from weir.v1 import common_pb2, tasks_pb2
 
 from libs.cassandra.taskstate import TaskKey, TaskStateStore
+from services.router.engine import shuffle_shard
 from tests.helpers import eventually
 
 State = tasks_pb2.TaskState
@@ -46,3 +48,80 @@ def test_high_goes_ahead_of_low_while_low_keeps_its_minimum_share(suite, cassand
     low_share = sum(during) / len(during)
     assert 0.07 <= low_share <= 0.2, (
         f"LOW took {low_share:.1%} of {len(during)} dispatches while HIGH waited")
+
+
+def split_across_owners(cassandra, tenant_id: str, topic: str, partitions: int, prefix: str
+                        ) -> str:
+    """A function name whose shard has partitions at two different dispatchers."""
+    owners = {row.partition: row.owner for row in cassandra.execute(
+        "SELECT partition, owner FROM partition_owners WHERE topic = %s", (topic,))}
+    for n in range(1000):
+        name = f"{prefix}{n}"
+        shard = shuffle_shard(tenant_id, name, partitions=partitions, shard_size=2)
+        if len({owners.get(p) for p in shard}) == 2:
+            return name
+    raise AssertionError(f"no shard spans two owners: {owners}")
+
+
+def most_at_once(intervals: list[tuple[int, int]]) -> int:
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, step in edges:  # an end sorts before a start at the same instant
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_rate_and_concurrency_limits_hold_across_two_dispatchers_and_two_executors(
+        suite, cassandra, tenant):
+    """A function's tasks on partitions of two dispatchers, run by two executor-managers: its
+    rate limit holds per second and its concurrency cap at every instant, for all together."""
+    tenant_id, api_key = tenant
+    topic = f"{suite.config.topic_prefix}.tasks.normal"
+    suite.launch("dispatcher_2", module="dispatcher")
+    suite.wait_serving("dispatcher_2")
+    both = f"{suite.address('dispatcher')},{suite.address('dispatcher_2')}"
+    suite.terminate("executor_manager")
+    suite.restart("executor_manager", WEIR_DISPATCHER_ADDRESSES=both)
+    suite.launch("executor_manager_2", module="executor_manager",
+                 WEIR_DISPATCHER_ADDRESSES=both)
+    suite.wait_serving("executor_manager_2")
+    try:
+        eventually(lambda: len({row.owner for row in cassandra.execute(
+            "SELECT owner FROM partition_owners WHERE topic = %s", (topic,))}) == 2,
+            timeout=60, message="both dispatchers own partitions")
+        paced, capped = (split_across_owners(cassandra, tenant_id, topic,
+                                             suite.config.task_partitions, prefix)
+                         for prefix in ("paced", "capped"))
+        store = TaskStateStore(cassandra)
+        with suite.client(api_key) as client:
+            client.create_function(paced, "examples.demo:sleep", worker_concurrency=8,
+                                   rate_limits={"max_dispatches_per_second": 20,
+                                                "max_burst_size": 20})
+            client.create_function(capped, "examples.demo:sleep", worker_concurrency=8,
+                                   rate_limits={"max_concurrent_dispatches": 4})
+            paced_ids = [r.task.task_id for r in client.create_tasks(
+                {"function": paced, "payload": b"10"} for _ in range(200))]
+            capped_ids = [r.task.task_id for r in client.create_tasks(
+                {"function": capped, "payload": b"100"} for _ in range(80))]
+        stored = finished(store, tenant_id, paced_ids + capped_ids, timeout=120)
+    finally:
+        suite.terminate("dispatcher_2")
+        suite.terminate("executor_manager_2")
+        suite.terminate("executor_manager")
+        suite.restart("executor_manager")
+
+    by_id = {s.key.task_id: s for s in stored}
+    executors = {a.executor_id for s in stored for a in s.attempts()}
+    assert len(executors) == 2, executors
+    dispatched = sorted(by_id[i].attempts()[0].dispatch_time.ToNanoseconds() for i in paced_ids)
+    windows: dict[int, int] = {}
+    for t in dispatched:
+        windows[(t - dispatched[0]) // 1_000_000_000] = windows.get(
+            (t - dispatched[0]) // 1_000_000_000, 0) + 1
+    intervals = [(a.dispatch_time.ToNanoseconds(), a.end_time.ToNanoseconds())
+                 for i in capped_ids for a in by_id[i].attempts()]
+    full = [windows.get(w, 0) for w in range(1, max(windows))]  # after the first, before the last
+    assert len(full) >= 7 and all(18 <= count <= 22 for count in full), windows
+
+    assert most_at_once(intervals) == 4

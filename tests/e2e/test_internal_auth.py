@@ -15,9 +15,10 @@ from weir.internal.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from weir.internal.executor_manager.v1 import executor_manager_pb2, executor_manager_pb2_grpc
 from weir.internal.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from weir.internal.router.v1 import router_pb2, router_pb2_grpc
-from weir.v1 import tasks_pb2
+from weir.v1 import common_pb2, tasks_pb2
 
 from libs import tls
+from tests.helpers import eventually
 
 State = tasks_pb2.TaskState
 INTERNAL = ("router", "dispatcher", "executor_manager", "notifier")
@@ -121,3 +122,30 @@ def test_the_operator_may_call_internal_services_deliberately(suite):
         reply = router_pb2_grpc.RouterServiceStub(channel).ListRoutes(
             router_pb2.ListRoutesRequest(tenant_id="nobody"), timeout=5)
     assert list(reply.routes) == []
+
+
+def test_only_dispatchers_may_share_limits_and_bad_demands_are_refused(suite):
+    demand = router_pb2.LimitDemand(tenant_id="t", function="f", waiting=10,
+                                    limits=common_pb2.RateLimits(max_dispatches_per_second=5))
+    with suite.internal_channel("router", identity="gateway") as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        assert refused(lambda: stub.ShareLimits(router_pb2.ShareLimitsRequest(
+            dispatcher_id="probe", demands=[demand]), timeout=5)) == \
+            grpc.StatusCode.PERMISSION_DENIED
+    with suite.internal_channel("router", identity="dispatcher") as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        bad = router_pb2.LimitDemand(tenant_id="t", function="", out=-1, held_rate=float("nan"))
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ShareLimits(router_pb2.ShareLimitsRequest(demands=[bad]), timeout=5)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for field in ("dispatcher_id", "demands[0].function", "demands[0].out",
+                      "demands[0].held_rate"):
+            assert field in raised.value.details()
+
+        def granted() -> router_pb2.ShareLimitsResponse:
+            reply = stub.ShareLimits(router_pb2.ShareLimitsRequest(
+                dispatcher_id="probe", demands=[demand]), timeout=5)
+            assert reply.shares[0].rate > 0  # none while a fresh router is still learning
+            return reply
+        reply = eventually(granted, timeout=10)
+    assert reply.shares[0].rate <= 5 and reply.lease.seconds == 2

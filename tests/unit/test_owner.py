@@ -8,6 +8,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, status_pb2
 from weir.internal.dispatcher.v1 import dispatcher_pb2
+from weir.internal.router.v1 import router_pb2
 from weir.storage.v1 import records_pb2
 from weir.v1 import common_pb2, functions_pb2, tasks_pb2
 
@@ -355,18 +356,54 @@ def test_outcomes_and_assignments_carry_the_tasks_timeout_and_targets(owner):
     assert [o.task_id for _, o in batch.outcomes] == ["a"]
 
 
-def test_a_functions_concurrency_cap_holds_its_tasks_until_an_attempt_ends(owner):
-    capped = functions_pb2.Function()
-    capped.CopyFrom(ECHO)
-    capped.rate_limits.max_concurrent_dispatches = 1
+def limited(**limits: float) -> functions_pb2.Function:
+    function = functions_pb2.Function()
+    function.CopyFrom(ECHO)
+    function.rate_limits.CopyFrom(common_pb2.RateLimits(**limits))
+    return function
+
+
+def share(owner: Owner, *, rate: float = 0, burst: float = 0, slots: int = 0,
+          lease: float = 2.0) -> None:
+    owner.share_limits([router_pb2.LimitShare(tenant_id="t1", function="echo", rate=rate,
+                                              burst=burst, slots=slots)], lease=lease)
+
+
+def test_a_limited_function_waits_for_its_share_and_its_cap_holds_until_an_attempt_ends(owner):
+    capped = limited(max_concurrent_dispatches=1)
     for name in ("a", "b"):
         owner.take(PARTITION, message(name), capped, Acks().record())
     owner.take(PARTITION, message("other", function="echo2"), ECHO, Acks().record())
     connect(owner, credits=5)
-    first = assignments(owner)
-    assert sorted(a.task.task_id for a in first) == ["a", "other"]
-    report(owner, next(a for a in first if a.task.task_id == "a"))
+    assert [a.task.task_id for a in assignments(owner)] == ["other"]  # no share yet
+    assert owner.limits_wanted()
+    [demand] = owner.limit_demands()
+    assert (demand.function, demand.waiting, demand.out, demand.held_slots) == ("echo", 2, 0, 0)
+    share(owner, slots=1)
+    [first] = assignments(owner)
+    assert first.task.task_id == "a"
+    report(owner, first)
     assert [a.task.task_id for a in assignments(owner)] == ["b"]
+
+
+def test_a_rate_share_paces_dispatches_and_a_share_not_renewed_stops_them(owner, clock):
+    paced = limited(max_dispatches_per_second=10, max_burst_size=2)
+    for n in range(10):
+        owner.take(PARTITION, message(f"t{n}"), paced, Acks().record())
+    connect(owner, credits=10)
+    share(owner, rate=10, burst=2)
+    assert assignments(owner) == []  # a new share starts with an empty bucket
+    clock.now += 0.1
+    owner.tick()
+    assert len(assignments(owner)) == 1
+    clock.now += 1.0  # the bucket holds two at most
+    owner.tick()
+    assert len(assignments(owner)) == 2
+    clock.now += 5.0  # the share's lease (2 s) ran out without a renewal
+    owner.tick()
+    assert assignments(owner) == []
+    [demand] = owner.limit_demands()
+    assert (demand.waiting, demand.held_rate) == (7 + 3, 0)  # waiting, plus its recent pace
 
 
 def test_a_record_of_a_partition_not_adopted_yet_is_not_taken(owner):

@@ -1,0 +1,179 @@
+"""A dispatcher's side of the cluster-wide dispatch limits: the shares the router grants it
+(`Limiter`) and the token bucket that paces a function at its share's rate (`TokenBucket`).
+
+Tokens refill lazily from the clock, so an idle bucket costs nothing. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from weir.internal.router.v1 import router_pb2
+from weir.v1 import common_pb2
+
+# Refilling by `wait()` seconds can land a hair short of a whole token; a caller that
+# slept exactly that long should get it rather than spin on ever smaller waits.
+EPSILON = 1e-9
+
+
+class TokenBucket:
+    """rate tokens/second up to `burst`; starts empty (a new grant does not release a burst
+    at once). Not thread-safe: the dispatcher keeps one per key under its own lock."""
+
+    def __init__(self, rate: float, burst: float, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._rate = rate
+        self._burst = burst
+        self._tokens = 0.0
+        self._at = clock()
+
+    @property
+    def rate(self) -> float:
+        return self._rate
+
+    @property
+    def burst(self) -> float:
+        return self._burst
+
+    def set(self, rate: float, burst: float) -> None:
+        """Changes rate and burst, keeping the tokens earned (capped at the new burst)."""
+        self._refill()  # what was earned so far, at the old rate
+        self._rate, self._burst = rate, burst
+        self._tokens = min(self._tokens, self._capacity())
+
+    def take(self) -> bool:
+        """Takes one token if one is available."""
+        self._refill()
+        if self._tokens < 1.0 - EPSILON:
+            return False
+        self._tokens = max(0.0, self._tokens - 1.0)
+        return True
+
+    def available(self) -> int:
+        """Whole tokens available now."""
+        self._refill()
+        return int(self._tokens + EPSILON)
+
+    def wait(self) -> float:
+        """Seconds until a token will be available: 0 if now, math.inf if the rate is 0."""
+        self._refill()
+        if self._tokens >= 1.0 - EPSILON:
+            return 0.0
+        if self._rate <= 0:
+            return math.inf
+        return (1.0 - self._tokens) / self._rate
+
+    def _capacity(self) -> float:
+        # A bucket that could not hold a whole token would never dispatch at any rate.
+        return max(self._burst, 1.0) if self._rate > 0 else max(self._burst, 0.0)
+
+    def _refill(self) -> None:
+        now = self._clock()
+        elapsed = max(0.0, now - self._at)  # a clock that steps back earns nothing
+        self._at = now
+        if self._rate > 0:
+            self._tokens = min(self._capacity(), self._tokens + elapsed * self._rate)
+
+
+LimitKey = tuple[str, str]  # (tenant_id, function)
+
+
+@dataclass
+class _Share:
+    """This dispatcher's share of one function's cluster-wide limits."""
+
+    limits: common_pb2.RateLimits
+    bucket: TokenBucket
+    slots: int = 0
+    expires: float = -math.inf  # monotonic: a share not renewed by then is void
+    dispatched: int = 0  # since the last report: its recent pace, part of its demand
+
+
+class Limiter:
+    """The shares of cluster-wide limits this dispatcher holds, by (tenant, function).
+
+    A function with a rate or a concurrency cap dispatches only within the share the router
+    grants this dispatcher (`RouterService.ShareLimits`, renewed by `LimitSync`); with no share,
+    or one not renewed in time, it waits. Nothing here does I/O or locks: the owner calls it
+    under its own lock.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._shares: dict[LimitKey, _Share] = {}
+        self.wanted = False  # a key has no share yet: worth asking the router now
+
+    @staticmethod
+    def applies(limits: common_pb2.RateLimits) -> bool:
+        return limits.max_dispatches_per_second > 0 or limits.max_concurrent_dispatches > 0
+
+    def admit(self, key: LimitKey, limits: common_pb2.RateLimits, *, out: int) -> bool:
+        """Whether one more of the key's tasks may go out now (its token is taken if so)."""
+        share = self._share(key, limits)
+        if share.expires <= self._clock():
+            return False
+        if limits.max_concurrent_dispatches and out >= share.slots:
+            return False
+        if limits.max_dispatches_per_second and not share.bucket.take():
+            return False
+        share.dispatched += 1
+        return True
+
+    def releasable(self, key: LimitKey, *, out: int) -> int:
+        """How many of the key's held-back tasks could go out now."""
+        share = self._shares.get(key)
+        if share is None or share.expires <= self._clock():
+            return 0
+        count = 1 << 30
+        if share.limits.max_concurrent_dispatches:
+            count = max(0, share.slots - out)
+        if share.limits.max_dispatches_per_second:
+            count = min(count, share.bucket.available())
+        return count
+
+    def demands(self, waiting: Callable[[LimitKey], int], out: Callable[[LimitKey], int]
+                ) -> list[router_pb2.LimitDemand]:
+        """What to tell the router; keys with nothing waiting, out or held are dropped."""
+        now = self._clock()
+        demands = []
+        for key, share in list(self._shares.items()):
+            live = share.expires > now
+            held_rate = share.bucket.rate if live else 0.0
+            held_slots = share.slots if live else 0
+            demand = router_pb2.LimitDemand(
+                tenant_id=key[0], function=key[1], limits=share.limits,
+                waiting=waiting(key) + share.dispatched, out=out(key),
+                held_rate=held_rate, held_slots=held_slots)
+            share.dispatched = 0
+            if not (demand.waiting or demand.out or held_rate or held_slots):
+                del self._shares[key]
+                continue
+            demands.append(demand)
+        self.wanted = False
+        return demands
+
+    def apply(self, shares: list[router_pb2.LimitShare], lease: float) -> None:
+        """The router's answer: each share holds for ``lease`` seconds from now."""
+        expires = self._clock() + lease
+        for granted in shares:
+            share = self._shares.get((granted.tenant_id, granted.function))
+            if share is None:
+                continue  # nothing of it waits any more
+            share.bucket.set(granted.rate, granted.burst)
+            share.slots = int(granted.slots)
+            share.expires = expires
+
+    def keys(self) -> list[LimitKey]:
+        return list(self._shares)
+
+    def _share(self, key: LimitKey, limits: common_pb2.RateLimits) -> _Share:
+        share = self._shares.get(key)
+        if share is None:
+            share = self._shares[key] = _Share(limits, TokenBucket(0.0, 0.0, clock=self._clock))
+            self.wanted = True
+        share.limits = limits
+        return share
