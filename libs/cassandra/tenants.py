@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from cassandra.cluster import Session
+from weir.v1 import common_pb2
 
 API_KEY_PREFIX = "weir_"
 
@@ -26,6 +27,8 @@ class Tenant:
     tenant_id: str
     display_name: str
     webhook_secret: bytes
+    # Dispatch limits over all the tenant's functions together; unset fields mean none.
+    rate_limits: common_pb2.RateLimits = field(default_factory=common_pb2.RateLimits)
 
 
 class TenantStore:
@@ -37,7 +40,10 @@ class TenantStore:
             "INSERT INTO tenants (tenant_id, display_name, webhook_secret, create_time) "
             "VALUES (?, ?, ?, ?) IF NOT EXISTS")
         self._select_tenant = session.prepare(
-            "SELECT tenant_id, display_name, webhook_secret FROM tenants WHERE tenant_id = ?")
+            "SELECT tenant_id, display_name, webhook_secret, rate_limits FROM tenants "
+            "WHERE tenant_id = ?")
+        self._update_limits = session.prepare(
+            "UPDATE tenants SET rate_limits = ? WHERE tenant_id = ? IF EXISTS")
         self._insert_key = session.prepare(
             "INSERT INTO api_keys (key_hash, tenant_id, create_time) VALUES (?, ?, ?)")
         self._select_key = session.prepare("SELECT tenant_id FROM api_keys WHERE key_hash = ?")
@@ -55,7 +61,15 @@ class TenantStore:
 
     def get_tenant(self, tenant_id: str) -> Tenant | None:
         row = self._session.execute(self._select_tenant, (tenant_id,)).one()
-        return Tenant(row.tenant_id, row.display_name, row.webhook_secret) if row else None
+        if row is None:
+            return None
+        return Tenant(row.tenant_id, row.display_name, row.webhook_secret,
+                      common_pb2.RateLimits.FromString(row.rate_limits or b""))
+
+    def set_rate_limits(self, tenant_id: str, limits: common_pb2.RateLimits) -> bool:
+        """Sets the tenant's limits over all its functions; False when there is no tenant."""
+        return self._session.execute(self._update_limits, (
+            limits.SerializeToString(), tenant_id)).was_applied
 
     def issue_api_key(self, tenant_id: str) -> str:
         """A new API key for the tenant; the only time the key itself is seen."""

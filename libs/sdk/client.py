@@ -19,6 +19,8 @@ from weir.v1 import (
     operations_pb2_grpc,
     tasks_pb2,
     tasks_pb2_grpc,
+    tenants_pb2,
+    tenants_pb2_grpc,
 )
 
 from libs.errors import from_rpc_error
@@ -69,6 +71,7 @@ class Client:
         self._functions = functions_pb2_grpc.FunctionServiceStub(self._channel)
         self._dead_letters = dead_letters_pb2_grpc.DeadLetterServiceStub(self._channel)
         self._operations = operations_pb2_grpc.OperationServiceStub(self._channel)
+        self._tenants = tenants_pb2_grpc.TenantServiceStub(self._channel)
         self._metadata = [("authorization", f"Bearer {api_key}")]
         self._timeout = timeout
 
@@ -168,6 +171,10 @@ class Client:
                 seconds=int(timeout.total_seconds()), nanos=timeout.microseconds * 1000))
         return self._call(self._functions.CreateFunction,
                           functions_pb2.CreateFunctionRequest(function=function))
+
+    def get_tenant(self) -> tenants_pb2.Tenant:
+        """The caller's own tenant, with the limits the operator set over all its functions."""
+        return self._call(self._tenants.GetTenant, tenants_pb2.GetTenantRequest())
 
     def get_function(self, name: str) -> functions_pb2.Function:
         return self._call(self._functions.GetFunction, functions_pb2.GetFunctionRequest(name=name))

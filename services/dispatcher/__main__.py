@@ -14,6 +14,7 @@ from libs.cassandra.parked import ParkedStore
 from libs.cassandra.partition_index import PartitionIndex
 from libs.cassandra.session import close, connect
 from libs.cassandra.taskstate import TaskStateStore
+from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from libs.kafka.client import Consumer, ConsumerLoop, Producer
 from libs.kafka.topics import PRIORITY_TIERS, results_topic, task_topic, weir_topics
@@ -26,6 +27,7 @@ from services.dispatcher.engine import (
     LimitSync,
     PartitionConsumer,
     Publisher,
+    TenantLimits,
     TimerWheel,
 )
 from services.dispatcher.owner import Owner
@@ -39,8 +41,10 @@ def start(config: WeirConfig) -> service.Started:
     tasks, index = TaskStateStore(session), PartitionIndex(session)
     owners = PartitionOwners(session)
     functions = Functions(FunctionStore(session))
+    tenants = TenantLimits(TenantStore(session))
     owner_name = f"dispatcher-{config.advertise_host}-{os.getpid()}"
     owner = Owner(lease=lease, dispatcher_id=owner_name, functions=functions.now,
+                  tenant_limits=tenants.now,
                   shares={Priority.PRIORITY_NORMAL: config.normal_min_share,
                           Priority.PRIORITY_LOW: config.low_min_share})
     server = create_server(config, owner=owner)
@@ -51,7 +55,7 @@ def start(config: WeirConfig) -> service.Started:
                       dead_letters=DeadLetterStore(session), parked=ParkedStore(session),
                       timers=timers, functions=functions,
                       publisher=Publisher(producer, results.name, results.partitions)).start()
-    intake = Intake(owner=owner, tasks=tasks, functions=functions)
+    intake = Intake(owner=owner, tasks=tasks, functions=functions, tenants=tenants)
     partitions = PartitionConsumer(owner=owner, intake=intake)
     consumer = Consumer(bootstrap=config.kafka_bootstrap,
                         group_id=f"{config.topic_prefix}-dispatchers", client_id=owner_name,

@@ -31,7 +31,7 @@ from cassandra.cluster import ResponseFuture
 from kafka import TopicPartition
 from weir.internal.router.v1 import router_pb2, router_pb2_grpc
 from weir.storage.v1 import records_pb2
-from weir.v1 import functions_pb2
+from weir.v1 import common_pb2, functions_pb2
 
 from libs.batching import chunks_by_size
 from libs.cache import TtlCache
@@ -41,6 +41,7 @@ from libs.cassandra.owners import RANGE, Ownership, OwnershipLost, PartitionOwne
 from libs.cassandra.parked import ParkedStore
 from libs.cassandra.partition_index import MINUTE, PartitionIndex, Timer, minute_of
 from libs.cassandra.taskstate import StoredTask, TaskKey, TaskStateStore, now_utc
+from libs.cassandra.tenants import TenantStore
 from libs.kafka.client import Consumer, Message, Producer, Record
 from libs.taskqueue import MAX_RECORD_BYTES, records_by_partition
 from services.dispatcher.owner import HELD, FlushBatch, Owner, PartitionId, RecordAck
@@ -89,6 +90,25 @@ class Functions:
         return self._cache.get(tenant_id, name)
 
 
+class TenantLimits:
+    """Tenants' dispatch limits over all their functions, cached like functions."""
+
+    def __init__(self, store: TenantStore, *, ttl: float = 1.0) -> None:
+        self._store = store
+        self._cache = TtlCache(self._fetch, ttl=ttl)
+
+    def get(self, tenant_id: str) -> common_pb2.RateLimits | None:
+        return self._cache.get(tenant_id)
+
+    def now(self, tenant_id: str) -> common_pb2.RateLimits | None:
+        """As cached, never waiting on a read (see `Functions.now`)."""
+        return self._cache.get_nowait(tenant_id)
+
+    def _fetch(self, tenant_id: str) -> common_pb2.RateLimits | None:
+        tenant = self._store.get_tenant(tenant_id)
+        return tenant.rate_limits if tenant is not None else None
+
+
 @dataclass
 class _Pending:
     """A record's task waiting its turn in its partition's queue."""
@@ -101,10 +121,12 @@ class _Pending:
 class Intake:
     """Hands consumed records to the owner, in offset order per partition."""
 
-    def __init__(self, *, owner: Owner, tasks: TaskStateStore, functions: Functions) -> None:
+    def __init__(self, *, owner: Owner, tasks: TaskStateStore, functions: Functions,
+                 tenants: TenantLimits | None = None) -> None:
         self._owner = owner
         self._tasks = tasks
         self._functions = functions
+        self._tenants = tenants
         self._queues: dict[PartitionId, deque[_Pending]] = {}
         # The highest offset offered per partition: a record at or below it comes again after
         # a rewind, and its task may have finished since, so its state is read first.
@@ -137,6 +159,8 @@ class Intake:
             needs_state = replaying or task.check_state or bool(task.kind)
             read = resolve(self._tasks.read_async(key)) if needs_state else None
             self._functions.get(task.tenant_id, task.function)  # warm, outside the lock
+            if self._tenants is not None:
+                self._tenants.get(task.tenant_id)
             items.append(_Pending(task, ack, read))
         with self._lock:
             self._queues.setdefault(partition, deque()).extend(items)
@@ -692,8 +716,9 @@ class PartitionConsumer:
 
 class LimitSync:
     """Renews this dispatcher's shares of the cluster-wide limits at the router: every
-    `SHARE_SECONDS`, and at once when a limited function waits for its first share.
-    `step` runs every few milliseconds (`libs.periodic.Periodic`)."""
+    `SHARE_SECONDS`, and at once when a limited function waits for its first share (or a
+    share shrank or idles). `step` runs every few milliseconds (`libs.periodic.Periodic`) and
+    also lets out the tasks a rate held back as its tokens come."""
 
     def __init__(self, *, owner: Owner, router: router_pb2_grpc.RouterServiceStub,
                  dispatcher_id: str, clock: Callable[[], float] = time.monotonic) -> None:
@@ -703,15 +728,18 @@ class LimitSync:
         self._clock = clock
         self._last = -SHARE_SECONDS
         self._complained = -ROUTER_COMPLAINT_SECONDS
+        self._had_demands = False
 
     def step(self) -> None:
+        self._owner.pace()
         now = self._clock()
         if now - self._last < SHARE_SECONDS and not self._owner.limits_wanted():
             return
         self._last = now
         demands = self._owner.limit_demands()
-        if not demands:
-            return
+        if not demands and not self._had_demands:
+            return  # (an empty report once after the last, so the router frees what we held)
+        self._had_demands = bool(demands)
         try:
             response = self._router.ShareLimits(router_pb2.ShareLimitsRequest(
                 dispatcher_id=self._id, demands=demands), timeout=SHARE_SECONDS * 4)

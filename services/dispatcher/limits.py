@@ -80,6 +80,7 @@ class TokenBucket:
 
 
 LimitKey = tuple[str, str]  # (tenant_id, function)
+PACE_SECONDS = 0.25
 
 
 @dataclass
@@ -91,6 +92,7 @@ class _Share:
     slots: int = 0
     expires: float = -math.inf  # monotonic: a share not renewed by then is void
     dispatched: int = 0  # since the last report: its recent pace, part of its demand
+    idle_told: bool = False  # the router heard that nothing waits for this rate share
 
 
 class Limiter:
@@ -105,23 +107,35 @@ class Limiter:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._shares: dict[LimitKey, _Share] = {}
-        self.wanted = False  # a key has no share yet: worth asking the router now
+        self._reported = clock()
+        # Worth asking the router now, not at the next round: a key has no share yet, or a
+        # share shrank (the others may use what it gave up once the router hears it holds less).
+        self.wanted = False
 
     @staticmethod
     def applies(limits: common_pb2.RateLimits) -> bool:
         return limits.max_dispatches_per_second > 0 or limits.max_concurrent_dispatches > 0
 
-    def admit(self, key: LimitKey, limits: common_pb2.RateLimits, *, out: int) -> bool:
-        """Whether one more of the key's tasks may go out now (its token is taken if so)."""
-        share = self._share(key, limits)
-        if share.expires <= self._clock():
-            return False
-        if limits.max_concurrent_dispatches and out >= share.slots:
-            return False
-        if limits.max_dispatches_per_second and not share.bucket.take():
-            return False
-        share.dispatched += 1
-        return True
+    def admit(self, limits: list[tuple[LimitKey, common_pb2.RateLimits, int]]
+              ) -> LimitKey | None:
+        """Whether one more task may go out now within each of ``limits`` (key, its limits,
+        its attempts out): None if so, and a token of each is taken; else the key that holds
+        it back (nothing is taken)."""
+        now = self._clock()
+        for key, rate_limits, out in limits:
+            share = self._share(key, rate_limits)
+            if share.expires <= now:
+                return key
+            if rate_limits.max_concurrent_dispatches and out >= share.slots:
+                return key
+            if rate_limits.max_dispatches_per_second and share.bucket.available() < 1:
+                return key
+        for key, rate_limits, _ in limits:
+            share = self._shares[key]
+            if rate_limits.max_dispatches_per_second:
+                share.bucket.take()
+            share.dispatched += 1
+        return None
 
     def releasable(self, key: LimitKey, *, out: int) -> int:
         """How many of the key's held-back tasks could go out now."""
@@ -139,6 +153,9 @@ class Limiter:
                 ) -> list[router_pb2.LimitDemand]:
         """What to tell the router; keys with nothing waiting, out or held are dropped."""
         now = self._clock()
+        # The pace is measured over at least PACE_SECONDS: a prompt report after a few ms
+        # would make a handful of dispatches look like a flood.
+        elapsed, self._reported = max(now - self._reported, PACE_SECONDS), now
         demands = []
         for key, share in list(self._shares.items()):
             live = share.expires > now
@@ -146,7 +163,8 @@ class Limiter:
             held_slots = share.slots if live else 0
             demand = router_pb2.LimitDemand(
                 tenant_id=key[0], function=key[1], limits=share.limits,
-                waiting=waiting(key) + share.dispatched, out=out(key),
+                # Its backlog plus its pace (per second), so a share in use is kept.
+                waiting=waiting(key) + math.ceil(share.dispatched / elapsed), out=out(key),
                 held_rate=held_rate, held_slots=held_slots)
             share.dispatched = 0
             if not (demand.waiting or demand.out or held_rate or held_slots):
@@ -163,9 +181,21 @@ class Limiter:
             share = self._shares.get((granted.tenant_id, granted.function))
             if share is None:
                 continue  # nothing of it waits any more
+            if granted.rate < share.bucket.rate or granted.slots < share.slots:
+                self.wanted = True
             share.bucket.set(granted.rate, granted.burst)
             share.slots = int(granted.slots)
             share.expires = expires
+            share.idle_told = False
+
+    def idle(self, waiting: Callable[[LimitKey], int]) -> bool:
+        """Whether a rate share is held with nothing left waiting for it: worth telling the
+        router at once, so another dispatcher's backlog may have it (told once per share)."""
+        found = False
+        for key, share in self._shares.items():
+            if share.bucket.rate > 0 and not share.idle_told and not waiting(key):
+                share.idle_told = found = True
+        return found
 
     def keys(self) -> list[LimitKey]:
         return list(self._shares)

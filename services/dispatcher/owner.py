@@ -326,8 +326,12 @@ class Owner:
     def __init__(self, *, lease: timedelta, dispatcher_id: str,
                  clock: Callable[[], float] = time.monotonic,
                  functions: FunctionsNow | None = None,
-                 shares: Mapping[int, float] | None = None) -> None:
+                 shares: Mapping[int, float] | None = None,
+                 tenant_limits: Callable[[str], common_pb2.RateLimits | None] | None = None
+                 ) -> None:
         self._lease = lease
+        # A tenant's limits over all its functions, as cached now (never waiting on a read).
+        self._tenant_limits = tenant_limits or (lambda tenant_id: None)
         self._id = dispatcher_id
         self._clock = clock
         # A function as it is now (cached briefly), so a pause or a deletion also holds back
@@ -337,9 +341,9 @@ class Owner:
         self._partitions: dict[PartitionId, Partition] = {}
         self._held: dict[TaskKey, Held] = {}
         self._attempts: dict[str, Held] = {}  # attempt id -> task out at an executor
-        # Attempts out per (tenant, function); a function with limits dispatches within this
-        # dispatcher's share of them (`Limiter`), and its tasks beyond it wait aside in the
-        # ready queue.
+        # Attempts out per (tenant, function), and per (tenant, "") for the tenant's own limits;
+        # a function or tenant with limits dispatches within this dispatcher's share of them
+        # (`Limiter`), and its tasks beyond it wait aside in the ready queue.
         self._out: dict[tuple[str, str], int] = {}
         self._limiter = Limiter(clock)
         self._ready = ReadyQueue(shares)
@@ -855,8 +859,16 @@ class Owner:
                 log.info("an attempt's lease expired", extra={
                     "tenant": held.key.tenant_id, "task_id": held.key.task_id})
                 self._finish_attempt(held, attempt)
-            for key in self._ready.aside_keys():
-                self._release(key)  # tokens earned since
+            self._assign()
+
+    def pace(self) -> None:
+        """Lets out the tasks held back by a rate whose tokens came since (every few ms)."""
+        with self._lock:
+            keys = self._ready.aside_keys()
+            if not keys:
+                return
+            for key in keys:
+                self._release(key)
             self._assign()
 
     # --- cluster-wide limits (see services/dispatcher/limits.py) ------------------------------
@@ -868,9 +880,10 @@ class Owner:
                                          out=lambda key: self._out.get(key, 0))
 
     def limits_wanted(self) -> bool:
-        """Whether a limited function waits for its first share."""
+        """Whether the router should hear from this dispatcher now: a limited function waits
+        for its first share, or a share shrank or has nothing left to pace."""
         with self._lock:
-            return self._limiter.wanted
+            return self._limiter.wanted or self._limiter.idle(self._ready.aside)
 
     def share_limits(self, shares: list[router_pb2.LimitShare], *, lease: float) -> None:
         """The router's shares: tasks they allow go out."""
@@ -899,31 +912,39 @@ class Owner:
             if held.function is None or held.function.state in HELD or _expired(held.message):
                 self._admit(held)  # it fails, parks or ends EXPIRED instead
                 continue
-            limits = held.function.rate_limits
-            function = (held.key.tenant_id, held.message.function)
-            if Limiter.applies(limits) and not self._limiter.admit(
-                    function, limits, out=self._out.get(function, 0)):
-                self._ready.set_aside(function, held)
+            blocked = self._limiter.admit([
+                (key, limits, self._out.get(key, 0)) for key, limits in self._limits_of(held)])
+            if blocked is not None:
+                self._ready.set_aside(blocked, held)
                 continue
             self._dispatch(held, stream)
 
+    def _limits_of(self, held: Held) -> list[tuple[LimitKey, common_pb2.RateLimits]]:
+        """The limits a task goes out within: its function's and its tenant's, where set."""
+        tenant = self._tenant_limits(held.key.tenant_id)
+        both = [((held.key.tenant_id, held.message.function),
+                 held.function.rate_limits if held.function else None),
+                ((held.key.tenant_id, ""), tenant)]
+        return [(key, limits) for key, limits in both
+                if limits is not None and Limiter.applies(limits)]
+
     def _send_out(self, attempt_id: str, held: Held) -> None:
         self._attempts[attempt_id] = held
-        function = (held.key.tenant_id, held.message.function)
-        self._out[function] = self._out.get(function, 0) + 1
+        for key in ((held.key.tenant_id, held.message.function), (held.key.tenant_id, "")):
+            self._out[key] = self._out.get(key, 0) + 1
 
     def _bring_back(self, attempt_id: str) -> None:
         """An attempt is no longer out: its function may send out one that waited."""
         held = self._attempts.pop(attempt_id, None)
         if held is None:
             return
-        function = (held.key.tenant_id, held.message.function)
-        left = self._out.get(function, 1) - 1
-        if left > 0:
-            self._out[function] = left
-        else:
-            self._out.pop(function, None)
-        self._release(function)
+        for key in ((held.key.tenant_id, held.message.function), (held.key.tenant_id, "")):
+            left = self._out.get(key, 1) - 1
+            if left > 0:
+                self._out[key] = left
+            else:
+                self._out.pop(key, None)
+            self._release(key)
 
     def _release(self, key: LimitKey) -> None:
         count = self._ready.aside(key)

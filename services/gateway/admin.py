@@ -1,4 +1,9 @@
-"""Tenant administration: ``python -m services.gateway.admin ensure-tenant NAME --key-file F``."""
+"""Tenant administration (the operator's):
+
+    python -m services.gateway.admin ensure-tenant NAME --key-file F [--demo-functions]
+    python -m services.gateway.admin set-tenant-limits NAME [--max-dispatches-per-second R]
+        [--max-burst-size B] [--max-concurrent-dispatches C]
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,13 @@ import argparse
 import re
 from pathlib import Path
 
-from weir.v1 import functions_pb2
+from weir.v1 import common_pb2, functions_pb2
 
 from libs import config as weir_config
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.session import close, connect
 from libs.cassandra.tenants import TenantStore
+from services.gateway.validation import rate_limit_violations
 
 TENANT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -54,6 +60,21 @@ def ensure_demo_functions(store: FunctionStore, tenant_id: str) -> list[str]:
                 name=name, handler=handler, worker_concurrency=DEMO_WORKER_CONCURRENCY))]
 
 
+def set_tenant_limits(store: TenantStore, tenant_id: str, limits: common_pb2.RateLimits
+                      ) -> None:
+    """Sets a tenant's dispatch limits over all its functions (0 = none); dispatchers apply
+    them within their few-second tenant cache.
+
+    Raises:
+        ValueError: a limit out of range, or no such tenant.
+    """
+    problems = rate_limit_violations(limits, at="rate_limits")
+    if problems:
+        raise ValueError("; ".join(f"{f}: {p}" for f, p in problems.items()))
+    if not store.set_rate_limits(tenant_id, limits):
+        raise ValueError(f"no tenant {tenant_id!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Weir tenant administration.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,10 +83,29 @@ def main() -> None:
     ensure.add_argument("--key-file", type=Path, required=True)
     ensure.add_argument("--demo-functions", action="store_true",
                         help="also register the demo functions echo, sleep and fail")
+    limits = commands.add_parser(
+        "set-tenant-limits", help="set a tenant's dispatch limits over all its functions "
+        "(0 or absent: none)")
+    limits.add_argument("tenant_id")
+    limits.add_argument("--max-dispatches-per-second", type=float, default=0.0)
+    limits.add_argument("--max-burst-size", type=int, default=0)
+    limits.add_argument("--max-concurrent-dispatches", type=int, default=0)
     args = parser.parse_args()
     if not TENANT_ID.fullmatch(args.tenant_id):
         parser.error(f"tenant ID {args.tenant_id!r}: 1 to 63 characters of [a-z0-9_-]")
     session = connect(weir_config.load())
+    if args.command == "set-tenant-limits":
+        try:
+            set_tenant_limits(TenantStore(session), args.tenant_id, common_pb2.RateLimits(
+                max_dispatches_per_second=args.max_dispatches_per_second,
+                max_burst_size=args.max_burst_size,
+                max_concurrent_dispatches=args.max_concurrent_dispatches))
+        except ValueError as exc:
+            parser.error(str(exc))
+        finally:
+            close(session)
+        print(f"tenant {args.tenant_id}: limits set")
+        return
     try:
         _, issued = ensure_tenant(TenantStore(session), args.tenant_id, args.key_file)
         created = (ensure_demo_functions(FunctionStore(session), args.tenant_id)

@@ -6,7 +6,13 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from weir.internal.notifier.v1 import notifier_pb2_grpc
-from weir.v1 import dead_letters_pb2_grpc, functions_pb2_grpc, operations_pb2_grpc, tasks_pb2_grpc
+from weir.v1 import (
+    dead_letters_pb2_grpc,
+    functions_pb2_grpc,
+    operations_pb2_grpc,
+    tasks_pb2_grpc,
+    tenants_pb2_grpc,
+)
 
 from libs import tls
 from libs.cassandra.dead_letters import DeadLetterStore
@@ -24,6 +30,7 @@ from services.gateway.functions import FunctionHandler
 from services.gateway.operations import OperationStarter
 from services.gateway.streams import StreamQuota
 from services.gateway.tasks import TaskHandler
+from services.gateway.tenants import TenantHandler
 
 
 def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submitter,
@@ -58,4 +65,5 @@ def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submit
                 dead_letters=dead_letters, operations=operations, tokens=tokens,
                 max_payload_bytes=config.max_payload_bytes)),
             servicer(operations_pb2_grpc, "OperationService", OperationHandler(operations)),
+            servicer(tenants_pb2_grpc, "TenantService", TenantHandler(tenants)),
         ])

@@ -72,9 +72,11 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
 
 
 def _demand_problems(path: str, demand: router_pb2.LimitDemand) -> dict[str, str]:
-    problems = {f"{path}.{f}": f"required; at most {MAX_NAME_CHARS} characters"
-                for f in ("tenant_id", "function")
-                if not 0 < len(getattr(demand, f)) <= MAX_NAME_CHARS}
+    problems = {}
+    if not 0 < len(demand.tenant_id) <= MAX_NAME_CHARS:
+        problems[f"{path}.tenant_id"] = f"required; at most {MAX_NAME_CHARS} characters"
+    if len(demand.function) > MAX_NAME_CHARS:  # empty: the tenant's own limits
+        problems[f"{path}.function"] = f"at most {MAX_NAME_CHARS} characters"
     limits = demand.limits
     if not (math.isfinite(limits.max_dispatches_per_second)
             and 0 <= limits.max_dispatches_per_second <= MAX_LIMIT):

@@ -134,7 +134,8 @@ def test_only_dispatchers_may_share_limits_and_bad_demands_are_refused(suite):
             grpc.StatusCode.PERMISSION_DENIED
     with suite.internal_channel("router", identity="dispatcher") as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
-        bad = router_pb2.LimitDemand(tenant_id="t", function="", out=-1, held_rate=float("nan"))
+        bad = router_pb2.LimitDemand(tenant_id="t", function="f" * 200, out=-1,
+                                     held_rate=float("nan"))
         with pytest.raises(grpc.RpcError) as raised:
             stub.ShareLimits(router_pb2.ShareLimitsRequest(demands=[bad]), timeout=5)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -394,16 +394,17 @@ def test_a_rate_share_paces_dispatches_and_a_share_not_renewed_stops_them(owner,
     share(owner, rate=10, burst=2)
     assert assignments(owner) == []  # a new share starts with an empty bucket
     clock.now += 0.1
-    owner.tick()
+    owner.pace()
     assert len(assignments(owner)) == 1
     clock.now += 1.0  # the bucket holds two at most
-    owner.tick()
+    owner.pace()
     assert len(assignments(owner)) == 2
     clock.now += 5.0  # the share's lease (2 s) ran out without a renewal
-    owner.tick()
+    owner.pace()
     assert assignments(owner) == []
     [demand] = owner.limit_demands()
-    assert (demand.waiting, demand.held_rate) == (7 + 3, 0)  # waiting, plus its recent pace
+    # Waiting, plus its recent pace: 3 in the 6.1 s since it began, 1 a second rounded up.
+    assert (demand.waiting, demand.held_rate) == (7 + 1, 0)
 
 
 def test_a_record_of_a_partition_not_adopted_yet_is_not_taken(owner):
@@ -482,3 +483,27 @@ def test_assignments_of_large_payloads_are_spread_over_several_messages(owner):
     first, second = assignments(owner), assignments(owner)
     assert (len(first), len(second)) == (3, 2)
     assert dispatcher_pb2.WorkResponse(assignments=first).ByteSize() <= 4 * 1024 * 1024
+
+
+def test_a_tenants_limit_holds_over_all_its_functions(clock):
+    tenant_cap = common_pb2.RateLimits(max_concurrent_dispatches=1)
+    owner = Owner(lease=timedelta(seconds=30), dispatcher_id="d1", clock=clock,
+                  tenant_limits=lambda tenant_id: tenant_cap if tenant_id == "t1" else None)
+    now = int(datetime.now(UTC).timestamp() * 1e6)
+    owner.own(Ownership(*PARTITION, epoch=2, range_start=now, range_end=now + 60_000_000,
+                        timer_minute=None), replay_below=0)
+    owner.adopted(PARTITION)
+    echo2 = functions_pb2.Function(name="echo2", handler="examples.demo:echo",
+                                   state=functions_pb2.FunctionState.FUNCTION_STATE_ACTIVE)
+    owner.take(PARTITION, message("a"), ECHO, Acks().record())
+    owner.take(PARTITION, message("b", function="echo2"), echo2, Acks().record())
+    connect(owner, credits=5)
+    assert assignments(owner) == []
+    [demand] = owner.limit_demands()
+    assert (demand.tenant_id, demand.function, demand.waiting) == ("t1", "", 2)
+    owner.share_limits([router_pb2.LimitShare(tenant_id="t1", function="", slots=1)], lease=2)
+    [first] = assignments(owner)
+    assert assignments(owner) == []  # the tenant's one slot is taken, whatever the function
+    report(owner, first)
+    [second] = assignments(owner)
+    assert {first.task.function, second.task.function} == {"echo", "echo2"}
