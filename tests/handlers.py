@@ -7,6 +7,8 @@ import os
 import resource
 import threading
 import time
+import urllib.error
+import urllib.request
 from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
@@ -135,3 +137,16 @@ def whoami(payload: bytes) -> bytes:
         "attempt_number": again.attempt_number,
         "deadline": again.deadline.isoformat() if again.deadline else None,
         "leaked": leaked, "pid": os.getpid()}).encode()
+
+
+@sdk.task
+def downstream(payload: bytes) -> bytes:
+    """Calls the URL in its payload, as a handler calls a downstream service: a 429 answer
+    (the downstream throttling) is a THROTTLED failure."""
+    try:
+        with urllib.request.urlopen(payload.decode(), timeout=10) as answer:
+            return answer.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 429:
+            raise sdk.ThrottledError("the downstream throttled the call") from None
+        raise

@@ -93,6 +93,8 @@ class _Share:
     expires: float = -math.inf  # monotonic: a share not renewed by then is void
     dispatched: int = 0  # since the last report: its recent pace, part of its demand
     idle_told: bool = False  # the router heard that nothing waits for this rate share
+    ended: int = 0  # attempts ended since the last report (an adaptive rate's evidence)
+    throttled: int = 0  # of which THROTTLED
 
 
 class Limiter:
@@ -165,9 +167,10 @@ class Limiter:
                 tenant_id=key[0], function=key[1], limits=share.limits,
                 # Its backlog plus its pace (per second), so a share in use is kept.
                 waiting=waiting(key) + math.ceil(share.dispatched / elapsed), out=out(key),
-                held_rate=held_rate, held_slots=held_slots)
-            share.dispatched = 0
-            if not (demand.waiting or demand.out or held_rate or held_slots):
+                held_rate=held_rate, held_slots=held_slots, ended=share.ended,
+                throttled=share.throttled)
+            share.dispatched = share.ended = share.throttled = 0
+            if not (demand.waiting or demand.out or held_rate or held_slots or demand.ended):
                 del self._shares[key]
                 continue
             demands.append(demand)
@@ -196,6 +199,13 @@ class Limiter:
             if share.bucket.rate > 0 and not share.idle_told and not waiting(key):
                 share.idle_told = found = True
         return found
+
+    def ended(self, key: LimitKey, *, throttled: bool) -> None:
+        """An attempt of the key ended: evidence for its adaptive rate."""
+        share = self._shares.get(key)
+        if share is not None:
+            share.ended += 1
+            share.throttled += throttled
 
     def keys(self) -> list[LimitKey]:
         return list(self._shares)

@@ -797,6 +797,10 @@ class Owner:
     def _finish_attempt(self, held: Held, attempt: tasks_pb2.Attempt, *,
                         result: bytes = b"", service: str = SERVICE) -> None:
         """The attempt ended (returned, raised, timed out, crashed, lost its lease)."""
+        if held.function is not None and held.function.rate_limits.adaptive.enabled:
+            self._limiter.ended((held.key.tenant_id, held.message.function), throttled=(
+                attempt.status.code != code_pb2.OK
+                and attempt.error_class == ErrorClass.ERROR_CLASS_THROTTLED))
         held.attempt = None
         held.history.attempts.append(attempt)
         held.status.last_status.CopyFrom(attempt.status)

@@ -1,11 +1,14 @@
 """Runs the gateway: ``python -m services.gateway``."""
 
 import functools
+import logging
 import uuid
 from datetime import timedelta
 
+import grpc
 from weir.internal.notifier.v1 import notifier_pb2_grpc
 from weir.internal.router.v1 import router_pb2, router_pb2_grpc
+from weir.v1 import common_pb2
 
 from libs import service, tls
 from libs.cache import TtlCache
@@ -29,6 +32,7 @@ from services.gateway.server import create_server
 from services.gateway.sweeper import SubmissionSweeper
 
 OPERATION_POLL_SECONDS = 0.5
+log = logging.getLogger(__name__)
 
 
 def start(config: WeirConfig) -> service.Started:
@@ -52,6 +56,15 @@ def start(config: WeirConfig) -> service.Started:
         return router.GetRoute(router_pb2.GetRouteRequest(
             tenant_id=tenant_id, function=function, priority=priority), timeout=5)
 
+    def adaptive_rate(tenant_id: str, function: str) -> common_pb2.AdaptiveRateState | None:
+        try:
+            return router.GetAdaptiveRate(router_pb2.GetAdaptiveRateRequest(
+                tenant_id=tenant_id, function=function), timeout=1)
+        except grpc.RpcError as exc:  # none held (NOT_FOUND), or the router is away
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("cannot read an adaptive rate", extra={"code": exc.code().name})
+            return None
+
     function_cache = TtlCache(functions.get, ttl=FUNCTION_CACHE_SECONDS)
     submitter = Submitter(tasks=tasks, listing=listing, submissions=submissions,
                           functions=function_cache, dedup=dedup, route=route, producer=producer,
@@ -63,7 +76,8 @@ def start(config: WeirConfig) -> service.Started:
                            control=control, functions=functions,
                            function_changed=function_cache.forget,
                            dead_letters=dead_letters, notifier=notifier,
-                           operations=OperationStarter(operations=operations, dedup=dedup))
+                           operations=OperationStarter(operations=operations, dedup=dedup),
+                           adaptive_rate=adaptive_rate)
     runner = OperationRunner(
         operations=operations, control=control, dead_letters=dead_letters,
         owner=f"gateway-{config.advertise_host}:{server.port}-{uuid.uuid4().hex[:8]}",

@@ -17,7 +17,7 @@ from libs import config as weir_config
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.session import close, connect
 from libs.cassandra.tenants import TenantStore
-from services.gateway.validation import rate_limit_violations
+from libs.ratelimits import rate_limit_violations
 
 TENANT_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -68,7 +68,7 @@ def set_tenant_limits(store: TenantStore, tenant_id: str, limits: common_pb2.Rat
     Raises:
         ValueError: a limit out of range, or no such tenant.
     """
-    problems = rate_limit_violations(limits, at="rate_limits")
+    problems = rate_limit_violations(limits, at="rate_limits", adaptive=False)
     if problems:
         raise ValueError("; ".join(f"{f}: {p}" for f, p in problems.items()))
     if not store.set_rate_limits(tenant_id, limits):

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import grpc
 from google.protobuf import field_mask_pb2
 from weir.storage.v1 import records_pb2
-from weir.v1 import functions_pb2, functions_pb2_grpc, operations_pb2
+from weir.v1 import common_pb2, functions_pb2, functions_pb2_grpc, operations_pb2
 
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.taskstate import FINAL_STATES, now_utc, timestamp_of
@@ -19,7 +19,10 @@ from services.gateway.control import ScanPosition, TaskControl, scan_tasks
 from services.gateway.filters import TaskFilter
 from services.gateway.operations import OperationStarter, new_operation
 
-IMMUTABLE = {"name", "state", "create_time", "update_time"}
+OUTPUT_ONLY = ("state", "create_time", "update_time", "adaptive_rate_state")
+IMMUTABLE = {"name", *OUTPUT_ONLY}
+# The adaptive rate now, from the router (None when it holds none or cannot say).
+AdaptiveRateOf = Callable[[str, str], common_pb2.AdaptiveRateState | None]
 MAX_MASK_PATHS = 32
 
 State = functions_pb2.FunctionState
@@ -31,8 +34,10 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
     def __init__(self, *, functions: FunctionStore, control: TaskControl,
                  operations: OperationStarter, tokens: PageTokens,
                  handler_packages: Sequence[str], allow_private_targets: bool,
-                 batch_rate: float, function_changed: Callable[[str, str], None]) -> None:
+                 batch_rate: float, function_changed: Callable[[str, str], None],
+                 adaptive_rate: AdaptiveRateOf = lambda tenant_id, name: None) -> None:
         self._functions = functions
+        self._adaptive_rate = adaptive_rate
         self._changed = function_changed
         self._control = control
         self._operations = operations
@@ -46,7 +51,7 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
         self._check(request.function)
         function = functions_pb2.Function()
         function.CopyFrom(request.function)
-        for output_only in ("state", "create_time", "update_time"):
+        for output_only in OUTPUT_ONLY:
             function.ClearField(output_only)
         if not self._functions.create(current_tenant.get(), function):
             raise AlreadyExists(f"function {function.name!r} already exists",
@@ -56,7 +61,12 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
 
     def GetFunction(self, request: functions_pb2.GetFunctionRequest, context: Context
                     ) -> functions_pb2.Function:
-        return self._get(request.name)
+        function = self._get(request.name)
+        if function.rate_limits.adaptive.enabled:
+            state = self._adaptive_rate(current_tenant.get(), function.name)
+            if state is not None:
+                function.adaptive_rate_state.CopyFrom(state)
+        return function
 
     def ListFunctions(self, request: functions_pb2.ListFunctionsRequest, context: Context
                       ) -> functions_pb2.ListFunctionsResponse:

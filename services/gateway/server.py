@@ -26,7 +26,7 @@ from services.gateway.auth import ApiKeyAuthenticator, AuthInterceptor
 from services.gateway.control import TaskControl
 from services.gateway.dead_letters import DeadLetterHandler, OperationHandler
 from services.gateway.engine import Submitter
-from services.gateway.functions import FunctionHandler
+from services.gateway.functions import AdaptiveRateOf, FunctionHandler
 from services.gateway.operations import OperationStarter
 from services.gateway.streams import StreamQuota
 from services.gateway.tasks import TaskHandler
@@ -37,7 +37,8 @@ def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submit
                   control: TaskControl, functions: FunctionStore,
                   function_changed: Callable[[str, str], None],
                   dead_letters: DeadLetterStore, operations: OperationStarter,
-                  notifier: Callable[[], notifier_pb2_grpc.NotifierServiceStub]) -> GrpcServer:
+                  notifier: Callable[[], notifier_pb2_grpc.NotifierServiceStub],
+                  adaptive_rate: AdaptiveRateOf = lambda tenant_id, name: None) -> GrpcServer:
     """Serves the public API on the gateway port; every call must carry a tenant's API key."""
     authenticator = ApiKeyAuthenticator(
         tenant_of=tenants.tenant_of, cache_for=timedelta(seconds=config.api_key_cache_seconds))
@@ -57,7 +58,7 @@ def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submit
             servicer(tasks_pb2_grpc, "TaskService", task_handler),
             servicer(functions_pb2_grpc, "FunctionService", FunctionHandler(
                 functions=functions, control=control, operations=operations, tokens=tokens,
-                function_changed=function_changed,
+                function_changed=function_changed, adaptive_rate=adaptive_rate,
                 handler_packages=handler_packages(config.handler_packages),
                 allow_private_targets=config.webhook_allow_private,
                 batch_rate=config.batch_items_per_second)),

@@ -9,7 +9,6 @@ what they echo through `excerpt`, so an error stays small whatever the input.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -21,6 +20,7 @@ from weir.v1 import common_pb2, functions_pb2, tasks_pb2
 
 from libs import retry, webhooks
 from libs.errors import InvalidArgument, excerpt
+from libs.ratelimits import rate_limit_violations
 from libs.sdk.handlers import handler_problem
 
 # The caps, also documented on the fields in protos/weir/v1.
@@ -39,8 +39,6 @@ MAX_PAGE_TOKEN_CHARS = 2048
 MAX_PAGE_SIZE = 1000
 MAX_BATCH = 1000
 MAX_DELAY = timedelta(days=30)
-MAX_RATE = 1_000_000.0  # dispatches per second; far beyond what one function can use
-MAX_COUNT_LIMIT = 1_000_000  # burst sizes and concurrency caps
 MAX_WORKER_CONCURRENCY = 64  # attempts in one worker process, each in a thread
 
 # google.protobuf.Timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
@@ -295,18 +293,6 @@ def function_violations(function: functions_pb2.Function, *, handler_packages: S
     problems.update(webhooks.target_violations(
         function.result_targets, at="function.result_targets",
         allow_private=allow_private_targets))
-    return problems
-
-
-def rate_limit_violations(limits: common_pb2.RateLimits, *, at: str) -> dict[str, str]:
-    problems: dict[str, str] = {}
-    rate = limits.max_dispatches_per_second
-    if not (math.isfinite(rate) and 0 <= rate <= MAX_RATE):
-        problems[f"{at}.max_dispatches_per_second"] = (
-            f"a number between 0 (no limit) and {MAX_RATE:,.0f}")
-    for name in ("max_burst_size", "max_concurrent_dispatches"):
-        if not 0 <= getattr(limits, name) <= MAX_COUNT_LIMIT:
-            problems[f"{at}.{name}"] = f"between 0 (no limit) and {MAX_COUNT_LIMIT:,}"
     return problems
 
 

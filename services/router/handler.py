@@ -10,14 +10,14 @@ from google.protobuf.duration_pb2 import Duration
 from weir.internal.router.v1 import router_pb2, router_pb2_grpc
 from weir.v1 import common_pb2
 
-from libs.errors import InvalidArgument
+from libs.errors import InvalidArgument, NotFound
+from libs.ratelimits import rate_limit_violations
 from services.router.engine import RouteTable
-from services.router.limits import Allocator, Demand, Limits
+from services.router.limits import Adaptive, Allocator, Demand, Limits
 
 MAX_NAME_CHARS = 128
 MAX_DISPATCHER_ID_CHARS = 256
 MAX_DEMANDS = 10_000
-MAX_LIMIT = 1_000_000
 # How long a share holds without renewal (dispatchers renew every 0.25 s). The allocator
 # forgets a silent dispatcher only well after its shares ran out (`Allocator.forget_after`).
 SHARE_LEASE = timedelta(seconds=2)
@@ -45,6 +45,22 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
             raise InvalidArgument({"tenant_id": f"required; at most {MAX_NAME_CHARS} characters"})
         return router_pb2.ListRoutesResponse(routes=self._table.routes(request.tenant_id))
 
+    def GetAdaptiveRate(self, request: router_pb2.GetAdaptiveRateRequest,
+                        context: grpc.ServicerContext) -> common_pb2.AdaptiveRateState:
+        problems = {f: f"required; at most {MAX_NAME_CHARS} characters"
+                    for f in ("tenant_id", "function")
+                    if not 0 < len(getattr(request, f)) <= MAX_NAME_CHARS}
+        if problems:
+            raise InvalidArgument(problems)
+        view = self._allocator.adaptive((request.tenant_id, request.function))
+        if view is None:
+            raise NotFound("no adaptive rate held for this function", reason="NO_ADAPTIVE_RATE")
+        state = common_pb2.AdaptiveRateState(current_dispatches_per_second=view.rate,
+                                             last_decision=view.last_decision)
+        if view.decision_time is not None:
+            state.decision_time.FromDatetime(view.decision_time)
+        return state
+
     def ShareLimits(self, request: router_pb2.ShareLimitsRequest,
                     context: grpc.ServicerContext) -> router_pb2.ShareLimitsResponse:
         problems = {}
@@ -61,8 +77,10 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
         grants = self._allocator.share(request.dispatcher_id, [Demand(
             key=(d.tenant_id, d.function),
             limits=Limits(rate=d.limits.max_dispatches_per_second, burst=d.limits.max_burst_size,
-                          concurrency=d.limits.max_concurrent_dispatches),
-            waiting=d.waiting, out=d.out, held_rate=d.held_rate, held_slots=d.held_slots)
+                          concurrency=d.limits.max_concurrent_dispatches,
+                          adaptive=adaptive_of(d.limits.adaptive) if d.function else None),
+            waiting=d.waiting, out=d.out, held_rate=d.held_rate, held_slots=d.held_slots,
+            ended=d.ended, throttled=min(d.throttled, d.ended))
             for d in request.demands])
         lease = Duration()
         lease.FromTimedelta(SHARE_LEASE)
@@ -71,20 +89,26 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
             for g in grants])
 
 
+def adaptive_of(settings: common_pb2.AdaptiveRate) -> Adaptive | None:
+    """The AIMD settings with their documented defaults (weir.v1.AdaptiveRate)."""
+    if not settings.enabled:
+        return None
+    return Adaptive(increase_per_second=settings.increase_per_second or 1.0,
+                    decrease_factor=settings.decrease_factor or 0.9,
+                    min_throttled_attempts=settings.min_throttled_attempts or 3,
+                    min_throttled_ratio=settings.min_throttled_ratio or 0.05,
+                    floor=settings.min_dispatches_per_second or 1.0)
+
+
 def _demand_problems(path: str, demand: router_pb2.LimitDemand) -> dict[str, str]:
     problems = {}
     if not 0 < len(demand.tenant_id) <= MAX_NAME_CHARS:
         problems[f"{path}.tenant_id"] = f"required; at most {MAX_NAME_CHARS} characters"
     if len(demand.function) > MAX_NAME_CHARS:  # empty: the tenant's own limits
         problems[f"{path}.function"] = f"at most {MAX_NAME_CHARS} characters"
-    limits = demand.limits
-    if not (math.isfinite(limits.max_dispatches_per_second)
-            and 0 <= limits.max_dispatches_per_second <= MAX_LIMIT):
-        problems[f"{path}.limits.max_dispatches_per_second"] = f"0 to {MAX_LIMIT:,}"
-    for f in ("max_burst_size", "max_concurrent_dispatches"):
-        if not 0 <= getattr(limits, f) <= MAX_LIMIT:
-            problems[f"{path}.limits.{f}"] = f"0 to {MAX_LIMIT:,}"
-    for f in ("waiting", "out", "held_slots"):
+    problems.update(rate_limit_violations(demand.limits, at=f"{path}.limits",
+                                          adaptive=bool(demand.function)))
+    for f in ("waiting", "out", "held_slots", "ended", "throttled"):
         if getattr(demand, f) < 0:
             problems[f"{path}.{f}"] = "not negative"
     if not (math.isfinite(demand.held_rate) and demand.held_rate >= 0):

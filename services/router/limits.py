@@ -20,10 +20,22 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 Key = tuple[str, str]  # (tenant_id, function); function "" covers all the tenant's functions
 # A float rate below this is rounding left over from subtracting shares, not a share.
 TINY_RATE = 1e-9
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """AIMD of a key's rate against a throttling downstream (see weir.v1.AdaptiveRate)."""
+
+    increase_per_second: float = 1.0
+    decrease_factor: float = 0.9
+    min_throttled_attempts: int = 3
+    min_throttled_ratio: float = 0.05
+    floor: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +45,7 @@ class Limits:
     rate: float = 0.0
     burst: int = 0
     concurrency: int = 0
+    adaptive: Adaptive | None = None  # the rate adapts below `rate`
 
     @property
     def limited(self) -> bool:
@@ -53,6 +66,8 @@ class Demand:
     out: int  # attempts out at executors from this dispatcher now
     held_rate: float  # the rate grant it holds now (0 if none)
     held_slots: int  # the concurrency grant it holds now (0 if none)
+    ended: int = 0  # attempts ended since its last report (for an adaptive rate)
+    throttled: int = 0  # of which THROTTLED
 
 
 @dataclass(frozen=True)
@@ -86,12 +101,96 @@ class _Holder:
         return max(self.rate, self.held_rate)
 
 
+@dataclass(frozen=True)
+class AdaptiveView:
+    rate: float
+    last_decision: str
+    decision_time: datetime | None
+
+
+@dataclass
+class _Adaptive:
+    rate: float
+    window_start: float  # monotonic
+    seen: float  # monotonic: the last report of the key
+    ended: int = 0
+    throttled: int = 0
+    waited: bool = False  # tasks waited in this window: worth growing the rate
+    last_decision: str = ""
+    decision_time: datetime | None = None
+
+
+class AdaptiveRates:
+    """AIMD per key, decided once a second from the attempts all dispatchers saw end: down
+    by a factor when enough of them were THROTTLED, else up by a step while tasks wait.
+    Kept for `KEEP_SECONDS` after a key's last report, so a function that pauses between
+    bursts does not start again at its ceiling against a downstream that throttled it."""
+
+    WINDOW_SECONDS = 1.0
+    KEEP_SECONDS = 600.0
+
+    def __init__(self, *, wall: Callable[[], datetime]) -> None:
+        self._wall = wall
+        self._states: dict[Key, _Adaptive] = {}
+
+    def observe(self, key: Key, demand: Demand, now: float) -> None:
+        adaptive, ceiling = demand.limits.adaptive, demand.limits.rate
+        if adaptive is None or ceiling <= 0:
+            self._states.pop(key, None)
+            return
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = _Adaptive(rate=ceiling, window_start=now, seen=now)
+        state.seen = now
+        state.ended += demand.ended
+        state.throttled += demand.throttled
+        state.waited = state.waited or demand.waiting > 0
+        elapsed = now - state.window_start
+        if elapsed >= self.WINDOW_SECONDS:
+            self._decide(state, adaptive, ceiling, elapsed)
+            state.window_start, state.ended, state.throttled, state.waited = now, 0, 0, False
+        state.rate = min(ceiling, max(min(adaptive.floor, ceiling), state.rate))
+        for stale in [k for k, s in self._states.items() if now - s.seen > self.KEEP_SECONDS]:
+            del self._states[stale]
+
+    def _decide(self, state: _Adaptive, adaptive: Adaptive, ceiling: float,
+                elapsed: float) -> None:
+        floor = min(adaptive.floor, ceiling)
+        if state.throttled >= adaptive.min_throttled_attempts and \
+                state.throttled >= adaptive.min_throttled_ratio * state.ended:
+            rate = max(floor, state.rate * adaptive.decrease_factor)
+            verdict = f"decreased to {rate:.1f}/s: {state.throttled} of {state.ended} " \
+                      "attempts throttled"
+        elif state.waited and state.rate < ceiling:
+            # (A key silent for a while does not bank the growth of its silence.)
+            step = adaptive.increase_per_second * min(elapsed, 2 * self.WINDOW_SECONDS)
+            rate = min(ceiling, state.rate + step)
+            verdict = f"increased to {rate:.1f}/s: {state.throttled} of {state.ended} " \
+                      "attempts throttled, tasks waiting"
+        else:
+            return
+        state.rate, state.last_decision, state.decision_time = rate, verdict, self._wall()
+
+    def rate(self, key: Key, limits: Limits) -> float:
+        """The rate to share now: the adapted one, or the limit itself."""
+        state = self._states.get(key)
+        return state.rate if state is not None and limits.adaptive is not None else limits.rate
+
+    def view(self, key: Key) -> AdaptiveView | None:
+        state = self._states.get(key)
+        if state is None:
+            return None
+        return AdaptiveView(state.rate, state.last_decision, state.decision_time)
+
+
 class Allocator:
     """Shares each key's limits among the dispatchers that report it. Thread-safe."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic,
-                 forget_after: float = 10.0, learning: float = 2.0) -> None:
+                 forget_after: float = 10.0, learning: float = 2.0,
+                 wall: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._clock = clock
+        self._rates = AdaptiveRates(wall=wall)
         self._forget_after = forget_after
         self._learning_until = clock() + learning
         self._lock = threading.Lock()
@@ -114,6 +213,7 @@ class Allocator:
             else:
                 self._heard.pop(dispatcher_id, None)
             for key, d in limited.items():
+                self._rates.observe(key, d, now)
                 holders = self._keys.setdefault(key, {})
                 holder = holders.get(dispatcher_id)
                 if holder is None:
@@ -125,6 +225,11 @@ class Allocator:
             grants = {key: self._grant(dispatcher_id, key, d.limits, learning)
                       for key, d in limited.items()}
             return [grants.get(d.key) or Grant(d.key, 0.0, 0.0, 0) for d in demands]
+
+    def adaptive(self, key: Key) -> AdaptiveView | None:
+        """A key's adaptive rate now, if it has one."""
+        with self._lock:
+            return self._rates.view(key)
 
     def view(self, key: Key) -> dict[str, Grant]:
         """The grants last sent for the key, by dispatcher."""
@@ -147,10 +252,10 @@ class Allocator:
                 slots = min(slots, mine.held_slots)
         rate = burst = 0.0
         if limits.rate > 0:
+            cap = self._rates.rate(key, limits)
             # Enough to drain its backlog within a second; none for an empty queue.
-            target_rate = _fill_rate(limits.rate,
-                                     {d: float(h.waiting) for d, h in holders.items()})[me]
-            free_rate = limits.rate - sum(h.reserved_rate() for h in others)
+            target_rate = _fill_rate(cap, {d: float(h.waiting) for d, h in holders.items()})[me]
+            free_rate = cap - sum(h.reserved_rate() for h in others)
             rate = max(0.0, min(target_rate, free_rate))
             if learning:
                 rate = min(rate, mine.held_rate)
@@ -158,7 +263,7 @@ class Allocator:
                 rate = 0.0
             else:
                 # At least one token, or a small share could never dispatch at all.
-                burst = max(1.0, limits.effective_burst * rate / limits.rate)
+                burst = max(1.0, limits.effective_burst * rate / cap)
         mine.rate, mine.burst, mine.slots = rate, burst, slots
         return Grant(key, rate, burst, slots)
 

@@ -3,12 +3,15 @@ limits that hold across the whole cluster."""
 
 from __future__ import annotations
 
+import http.server
 import subprocess
 import sys
+import threading
 
 from weir.v1 import common_pb2, tasks_pb2
 
 from libs.cassandra.taskstate import TaskKey, TaskStateStore
+from services.dispatcher.limits import TokenBucket
 from services.router.engine import shuffle_shard
 from tests.helpers import eventually
 from tests.suite import ROOT
@@ -160,3 +163,65 @@ def test_a_tenants_limits_set_by_the_operator_hold_over_all_its_functions(
     intervals = [(a.dispatch_time.ToNanoseconds(), a.end_time.ToNanoseconds())
                  for s in stored for a in s.attempts()]
     assert most_at_once(intervals) == 3
+
+
+class ThrottlingDownstream:
+    """An HTTP service that answers 429 to calls above ``per_second`` (a token bucket)."""
+
+    def __init__(self, per_second: float) -> None:
+        bucket, lock = TokenBucket(per_second, 1.0), threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+                with lock:
+                    ok = bucket.take()
+                self.send_response(200 if ok else 429)
+                self.end_headers()
+                self.wfile.write(b"done" if ok else b"slow down")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/call"
+
+    def __enter__(self) -> ThrottlingDownstream:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def test_an_adaptive_rate_backs_off_a_throttling_downstream_and_shows_why(
+        suite, cassandra, tenant):
+    """Dispatching starts at the ceiling (40/s) against a downstream that takes 10/s: the
+    router lowers the rate as THROTTLED attempts come back, GetFunction shows the rate and the
+    decision, and later attempts are far less often throttled than the first ones."""
+    tenant_id, api_key = tenant
+    store = TaskStateStore(cassandra)
+    with ThrottlingDownstream(per_second=10) as service, suite.client(api_key) as client:
+        client.create_function(
+            "caller", "tests.handlers:downstream", worker_concurrency=8,
+            retry_config={"max_attempts": 50, "throttled_min_backoff": {"seconds": 1}},
+            rate_limits={"max_dispatches_per_second": 40, "adaptive": {
+                "enabled": True, "decrease_factor": 0.5, "increase_per_second": 1}})
+        ids = [r.task.task_id for r in client.create_tasks(
+            {"function": "caller", "payload": service.url.encode()} for _ in range(240))]
+
+        def backed_off() -> common_pb2.AdaptiveRateState:
+            state = client.get_function("caller").adaptive_rate_state
+            assert state.current_dispatches_per_second < 20
+            assert state.last_decision.startswith("decreased to ")
+            return state
+        eventually(backed_off, timeout=30, interval=0.5)
+        stored = finished(store, tenant_id, ids, timeout=180)
+
+    attempts = sorted((a.dispatch_time.ToNanoseconds(),
+                       a.error_class == common_pb2.ErrorClass.ERROR_CLASS_THROTTLED)
+                      for s in stored for a in s.attempts())
+    first, later = attempts[:40], attempts[len(attempts) // 2:]
+    first_ratio = sum(t for _, t in first) / len(first)
+    later_ratio = sum(t for _, t in later) / len(later)
+    assert first_ratio >= 0.5 and later_ratio <= 0.3, (first_ratio, later_ratio)
