@@ -111,6 +111,14 @@ class WeirConfig:
         0.1, "Least share of a dispatcher's dispatches LOW tasks get while higher tiers wait "
         "too, so bulk work never starves.", check=lambda v: 0 <= v < 0.5,
         rule="0 <= share < 0.5")
+    admission_backlog: int = setting(
+        4000, "Tasks waiting at the dispatchers (taken from Kafka, waiting for a slot) past "
+        "which gateways refuse the tenants sending more than their fair share of recent "
+        "submissions (RESOURCE_EXHAUSTED); for the whole cluster.", check=_positive,
+        rule="> 0")
+    admission_tenant_backlog: int = setting(
+        1500, "Tasks of one tenant waiting at the dispatchers past which gateways refuse its "
+        "submissions (RESOURCE_EXHAUSTED).", check=_positive, rule="> 0")
     sweep_interval_seconds: float = setting(
         2.0, "How often the gateway's sweeper looks for stored tasks not confirmed on Kafka.",
         check=_positive, rule="> 0")

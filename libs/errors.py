@@ -95,19 +95,26 @@ class DeadlineExceeded(WeirError):
 
 
 class ResourceExhausted(WeirError):
-    """Over a limit; `retry_after` tells the caller when trying again makes sense."""
+    """Over a limit; `retry_after` tells the caller when trying again makes sense, and
+    `subject` (e.g. ``tenant:acme``), when set, names who is over it in a QuotaFailure."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def __init__(self, message: str, *, retry_after: timedelta, reason: str = "",
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, subject: str = ""):
         super().__init__(message, reason=reason, metadata=metadata)
         self.retry_after = retry_after
+        self.subject = subject
 
     def details(self) -> list[Message]:
         delay = duration_pb2.Duration()
         delay.FromTimedelta(self.retry_after)
-        return [*super().details(), error_details_pb2.RetryInfo(retry_delay=delay)]
+        details = [*super().details(), error_details_pb2.RetryInfo(retry_delay=delay)]
+        if self.subject:
+            details.append(error_details_pb2.QuotaFailure(violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=self.subject,
+                                                         description=self.message)]))
+        return details
 
 
 _BY_CODE = {cls.code: cls for cls in (
@@ -123,6 +130,7 @@ def from_rpc_error(error: grpc.RpcError) -> WeirError:
     info = error_details_pb2.ErrorInfo()
     violations: dict[str, str] = {}
     retry_after = timedelta(0)
+    subject = ""
     for detail in status.details if status else []:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             detail.Unpack(info)
@@ -134,12 +142,16 @@ def from_rpc_error(error: grpc.RpcError) -> WeirError:
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
             retry_after = retry.retry_delay.ToTimedelta()
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            quota = error_details_pb2.QuotaFailure()
+            detail.Unpack(quota)
+            subject = quota.violations[0].subject if quota.violations else ""
     cls = _BY_CODE.get(code)
     if cls is InvalidArgument:
         return InvalidArgument(violations, message)
     if cls is ResourceExhausted:
         return ResourceExhausted(message, retry_after=retry_after, reason=info.reason,
-                                 metadata=dict(info.metadata))
+                                 metadata=dict(info.metadata), subject=subject)
     err = (cls or WeirError)(message, reason=info.reason, metadata=dict(info.metadata))
     if cls is None:
         err.code = code

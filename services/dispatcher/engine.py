@@ -10,7 +10,8 @@
   the index rows grouped — then acknowledges records and publishes outcomes; it renews the
   epochs' timestamp ranges and checks, before writing, that the epochs are still ours.
 - `TimerWheel` fires the owned partitions' timers when due.
-- `LimitSync` renews the owner's shares of cluster-wide dispatch limits at the router.
+- `LimitSync` renews the owner's shares of cluster-wide dispatch limits at the router and
+  reports what waits (the backlog gateways admit by).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ PARTITION_LIMIT = 1000
 TIER_LIMIT = 5000
 SHARE_SECONDS = 0.25  # how often the limit shares are renewed at the router
 ROUTER_COMPLAINT_SECONDS = 10.0  # an unreachable router is logged at most this often
+MAX_BACKLOG_TENANTS = 10_000  # the largest backlogs reported; the router takes no more
 
 
 def resolve(future: ResponseFuture) -> Future:
@@ -715,10 +717,11 @@ class PartitionConsumer:
 
 
 class LimitSync:
-    """Renews this dispatcher's shares of the cluster-wide limits at the router: every
-    `SHARE_SECONDS`, and at once when a limited function waits for its first share (or a
-    share shrank or idles). `step` runs every few milliseconds (`libs.periodic.Periodic`) and
-    also lets out the tasks a rate held back as its tokens come."""
+    """Renews this dispatcher's shares of the cluster-wide limits at the router, and reports
+    its backlog by tenant: every `SHARE_SECONDS`, and at once when a limited function waits
+    for its first share (or a share shrank or idles). `step` runs every few milliseconds
+    (`libs.periodic.Periodic`) and also lets out the tasks a rate held back as its tokens
+    come."""
 
     def __init__(self, *, owner: Owner, router: router_pb2_grpc.RouterServiceStub,
                  dispatcher_id: str, clock: Callable[[], float] = time.monotonic) -> None:
@@ -728,7 +731,7 @@ class LimitSync:
         self._clock = clock
         self._last = -SHARE_SECONDS
         self._complained = -ROUTER_COMPLAINT_SECONDS
-        self._had_demands = False
+        self._had_news = False
 
     def step(self) -> None:
         self._owner.pace()
@@ -737,12 +740,16 @@ class LimitSync:
             return
         self._last = now
         demands = self._owner.limit_demands()
-        if not demands and not self._had_demands:
+        backlog = heapq.nlargest(MAX_BACKLOG_TENANTS, self._owner.backlog().items(),
+                                 key=lambda item: item[1])
+        if not demands and not backlog and not self._had_news:
             return  # (an empty report once after the last, so the router frees what we held)
-        self._had_demands = bool(demands)
+        self._had_news = bool(demands or backlog)
         try:
             response = self._router.ShareLimits(router_pb2.ShareLimitsRequest(
-                dispatcher_id=self._id, demands=demands), timeout=SHARE_SECONDS * 4)
+                dispatcher_id=self._id, demands=demands, backlogs=[
+                    router_pb2.TenantBacklog(tenant_id=t, waiting=n) for t, n in backlog]),
+                timeout=SHARE_SECONDS * 4)
         except grpc.RpcError as exc:
             # Shares run out on their own: limited functions wait; the rest flow on.
             if now - self._complained >= ROUTER_COMPLAINT_SECONDS:

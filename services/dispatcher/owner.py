@@ -216,6 +216,7 @@ class ReadyQueue:
         self._owed = {t: 0.0 for t in TIERS}
         self._aside: dict[object, deque[Held]] = {}
         self._waiting: Counter[PartitionId] = Counter()
+        self._tenants: Counter[str] = Counter()  # waiting, by tenant: the backlog reported
         self._count = 0
 
     def __len__(self) -> int:
@@ -224,7 +225,7 @@ class ReadyQueue:
 
     def push(self, held: Held) -> None:
         self._queue(held)
-        self._waiting[held.partition] += 1
+        self._count_in(held)
 
     def _queue(self, held: Held) -> None:
         tier = held.message.priority if held.message.priority in self._tiers else TIERS[1]
@@ -242,7 +243,7 @@ class ReadyQueue:
             if queue:
                 self._count -= 1
                 held = queue.popleft()
-                self._uncount(held.partition)
+                self._uncount(held)
                 return held
             del queues[partition]
         return None
@@ -271,14 +272,14 @@ class ReadyQueue:
             if queue is not None and held in queue:
                 queue.remove(held)
                 self._count -= 1
-                self._uncount(held.partition)
+                self._uncount(held)
                 return True
         return False
 
     def set_aside(self, key: object, held: Held) -> None:
         """A popped task that a limit holds back: it waits under ``key``."""
         self._aside.setdefault(key, deque()).append(held)
-        self._waiting[held.partition] += 1
+        self._count_in(held)
 
     def release(self, key: object, count: int = 1) -> None:
         """Up to ``count`` tasks set aside under ``key`` become ready again, oldest first."""
@@ -299,6 +300,10 @@ class ReadyQueue:
         """Tasks waiting per partition, ready or set aside."""
         return dict(self._waiting)
 
+    def tenants(self) -> dict[str, int]:
+        """Tasks waiting per tenant, ready or set aside."""
+        return dict(self._tenants)
+
     def drop_partition(self, partition: PartitionId) -> list[Held]:
         dropped: list[Held] = []
         for queues in self._tiers.values():
@@ -312,12 +317,24 @@ class ReadyQueue:
             else:
                 del self._aside[key]
         self._waiting.pop(partition, None)
+        for held in dropped:
+            self._uncount_tenant(held.key.tenant_id)
         return dropped
 
-    def _uncount(self, partition: PartitionId) -> None:
-        self._waiting[partition] -= 1
-        if self._waiting[partition] <= 0:
-            del self._waiting[partition]
+    def _count_in(self, held: Held) -> None:
+        self._waiting[held.partition] += 1
+        self._tenants[held.key.tenant_id] += 1
+
+    def _uncount(self, held: Held) -> None:
+        self._waiting[held.partition] -= 1
+        if self._waiting[held.partition] <= 0:
+            del self._waiting[held.partition]
+        self._uncount_tenant(held.key.tenant_id)
+
+    def _uncount_tenant(self, tenant_id: str) -> None:
+        self._tenants[tenant_id] -= 1
+        if self._tenants[tenant_id] <= 0:
+            del self._tenants[tenant_id]
 
 
 class Owner:
@@ -882,6 +899,11 @@ class Owner:
         with self._lock:
             return self._limiter.demands(waiting=self._ready.aside,
                                          out=lambda key: self._out.get(key, 0))
+
+    def backlog(self) -> dict[str, int]:
+        """Tasks taken and waiting for a slot, by tenant."""
+        with self._lock:
+            return self._ready.tenants()
 
     def limits_wanted(self) -> bool:
         """Whether the router should hear from this dispatcher now: a limited function waits

@@ -25,6 +25,7 @@ from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from libs.kafka.client import Producer
 from libs.periodic import Periodic
+from services.gateway.admission import BACKLOG_POLL_SECONDS, Admission, BacklogPoller
 from services.gateway.control import TaskControl
 from services.gateway.engine import FUNCTION_CACHE_SECONDS, Submitter
 from services.gateway.operations import OperationRunner, OperationStarter
@@ -65,6 +66,11 @@ def start(config: WeirConfig) -> service.Started:
                 log.warning("cannot read an adaptive rate", extra={"code": exc.code().name})
             return None
 
+    admission = Admission(backlog_threshold=config.admission_backlog,
+                          tenant_threshold=config.admission_tenant_backlog)
+    backlog_poll = Periodic("backlog", BACKLOG_POLL_SECONDS, BacklogPoller(
+        router=router, admission=admission).poll).start()
+
     function_cache = TtlCache(functions.get, ttl=FUNCTION_CACHE_SECONDS)
     submitter = Submitter(tasks=tasks, listing=listing, submissions=submissions,
                           functions=function_cache, dedup=dedup, route=route, producer=producer,
@@ -77,7 +83,7 @@ def start(config: WeirConfig) -> service.Started:
                            function_changed=function_cache.forget,
                            dead_letters=dead_letters, notifier=notifier,
                            operations=OperationStarter(operations=operations, dedup=dedup),
-                           adaptive_rate=adaptive_rate)
+                           adaptive_rate=adaptive_rate, admission=admission)
     runner = OperationRunner(
         operations=operations, control=control, dead_letters=dead_letters,
         owner=f"gateway-{config.advertise_host}:{server.port}-{uuid.uuid4().hex[:8]}",
@@ -88,6 +94,7 @@ def start(config: WeirConfig) -> service.Started:
     operation_polls = Periodic("operation-runner", OPERATION_POLL_SECONDS, runner.poll).start()
 
     def drain() -> None:
+        backlog_poll.stop()
         operation_polls.stop()
         runner.stop()
         sweeper.stop()

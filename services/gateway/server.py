@@ -22,6 +22,7 @@ from libs.config import WeirConfig
 from libs.grpcserver import GrpcServer, create_server as create_grpc_server, servicer
 from libs.pagetoken import PageTokens
 from libs.sdk.handlers import handler_packages
+from services.gateway.admission import Admission
 from services.gateway.auth import ApiKeyAuthenticator, AuthInterceptor
 from services.gateway.control import TaskControl
 from services.gateway.dead_letters import DeadLetterHandler, OperationHandler
@@ -38,6 +39,7 @@ def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submit
                   function_changed: Callable[[str, str], None],
                   dead_letters: DeadLetterStore, operations: OperationStarter,
                   notifier: Callable[[], notifier_pb2_grpc.NotifierServiceStub],
+                  admission: Admission,
                   adaptive_rate: AdaptiveRateOf = lambda tenant_id, name: None) -> GrpcServer:
     """Serves the public API on the gateway port; every call must carry a tenant's API key."""
     authenticator = ApiKeyAuthenticator(
@@ -50,7 +52,8 @@ def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submit
                                streams=StreamQuota(per_tenant=config.max_streams_per_tenant,
                                                    total=config.max_streams),
                                tokens=tokens,
-                               allow_private_targets=config.webhook_allow_private)
+                               allow_private_targets=config.webhook_allow_private,
+                               admission=admission)
     return create_grpc_server(
         host=config.gateway_bind_host, port=config.gateway_port, workers=config.grpc_workers,
         interceptors=[AuthInterceptor(authenticator)],

@@ -7,9 +7,6 @@ from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 
-from google.protobuf.message import Message
-from google.rpc import error_details_pb2
-
 from libs.errors import ResourceExhausted
 
 RETRY_AFTER = timedelta(seconds=1)
@@ -20,14 +17,8 @@ class StreamQuotaExceeded(ResourceExhausted):
 
     def __init__(self, message: str, *, subject: str, quota: str) -> None:
         super().__init__(message, retry_after=RETRY_AFTER, reason="STREAM_QUOTA_EXCEEDED",
-                         metadata={"quota": quota})
-        self.subject = subject
+                         metadata={"quota": quota}, subject=subject)
         self.quota = quota
-
-    def details(self) -> list[Message]:
-        return [*super().details(), error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=self.subject,
-                                                     description=self.message)])]
 
 
 class StreamQuota:

@@ -15,6 +15,7 @@ from libs.cassandra.taskstate import FINAL_STATES, StoredTask, TaskKey
 from libs.errors import InvalidArgument, NotFound, Unavailable
 from libs.pagetoken import PageTokens
 from services.gateway import validation
+from services.gateway.admission import Admission
 from services.gateway.auth import current_tenant
 from services.gateway.coalesce import Coalescer
 from services.gateway.control import ScanPosition, TaskControl, scan_tasks
@@ -33,8 +34,10 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
     def __init__(self, *, submitter: Submitter, control: TaskControl,
                  operations: OperationStarter, max_payload_bytes: int, batch_rate: float,
                  notifier: Callable[[], notifier_pb2_grpc.NotifierServiceStub],
-                 streams: StreamQuota, tokens: PageTokens, allow_private_targets: bool) -> None:
+                 streams: StreamQuota, tokens: PageTokens, allow_private_targets: bool,
+                 admission: Admission) -> None:
         self._submitter = submitter
+        self._admission = admission
         self._singles = Coalescer(lambda tenant, requests: submitter.create(
             tenant, requests, prefix=lambda i: ""))
         self._control = control
@@ -52,12 +55,14 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
                    ) -> tasks_pb2.Task:
         validation.check_create(request, max_payload_bytes=self._max_payload,
                                 allow_private_targets=self._allow_private)
+        self._admission.admit(current_tenant.get(), 1)
         return raise_for_single(self._singles.create(current_tenant.get(), request))
 
     def BatchCreateTasks(self, request: tasks_pb2.BatchCreateTasksRequest, context: Context
                          ) -> tasks_pb2.BatchCreateTasksResponse:
         validation.check_batch(request, max_payload_bytes=self._max_payload,
                                allow_private_targets=self._allow_private)
+        self._admission.admit(current_tenant.get(), len(request.requests))
         created = self._submitter.create(current_tenant.get(), list(request.requests),
                                          prefix=lambda i: f"requests[{i}].")
         return tasks_pb2.BatchCreateTasksResponse(results=[

@@ -12,6 +12,7 @@ from weir.v1 import common_pb2
 
 from libs.errors import InvalidArgument, NotFound
 from libs.ratelimits import rate_limit_violations
+from services.router.backlog import Backlogs
 from services.router.engine import RouteTable
 from services.router.limits import Adaptive, Allocator, Demand, Limits
 
@@ -24,9 +25,10 @@ SHARE_LEASE = timedelta(seconds=2)
 
 
 class RouterHandler(router_pb2_grpc.RouterServiceServicer):
-    def __init__(self, table: RouteTable, allocator: Allocator) -> None:
+    def __init__(self, table: RouteTable, allocator: Allocator, backlogs: Backlogs) -> None:
         self._table = table
         self._allocator = allocator
+        self._backlogs = backlogs
 
     def GetRoute(self, request: router_pb2.GetRouteRequest,
                  context: grpc.ServicerContext) -> router_pb2.Route:
@@ -61,6 +63,14 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
             state.decision_time.FromDatetime(view.decision_time)
         return state
 
+    def GetBacklog(self, request: router_pb2.GetBacklogRequest,
+                   context: grpc.ServicerContext) -> router_pb2.Backlog:
+        if request.min_tenant_waiting < 0:
+            raise InvalidArgument({"min_tenant_waiting": "not negative"})
+        waiting, tenants = self._backlogs.view(min_tenant_waiting=request.min_tenant_waiting)
+        return router_pb2.Backlog(waiting=waiting, tenants=[
+            router_pb2.TenantBacklog(tenant_id=t, waiting=n) for t, n in tenants])
+
     def ShareLimits(self, request: router_pb2.ShareLimitsRequest,
                     context: grpc.ServicerContext) -> router_pb2.ShareLimitsResponse:
         problems = {}
@@ -72,8 +82,18 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
             problems.update(_demand_problems(f"demands[{n}]", demand))
             if len(problems) >= 50:
                 break
+        if len(request.backlogs) > MAX_DEMANDS:
+            problems["backlogs"] = f"at most {MAX_DEMANDS:,}"
+        for n, backlog in enumerate(request.backlogs[:MAX_DEMANDS]):
+            if not 0 < len(backlog.tenant_id) <= MAX_NAME_CHARS or backlog.waiting < 0:
+                problems[f"backlogs[{n}]"] = (f"a tenant_id of 1 to {MAX_NAME_CHARS} "
+                                              "characters, and waiting not negative")
+            if len(problems) >= 50:
+                break
         if problems:
             raise InvalidArgument(problems)
+        self._backlogs.report(request.dispatcher_id,
+                              {b.tenant_id: b.waiting for b in request.backlogs})
         grants = self._allocator.share(request.dispatcher_id, [Demand(
             key=(d.tenant_id, d.function),
             limits=Limits(rate=d.limits.max_dispatches_per_second, burst=d.limits.max_burst_size,

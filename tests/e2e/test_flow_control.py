@@ -8,9 +8,12 @@ import subprocess
 import sys
 import threading
 
+import pytest
 from weir.v1 import common_pb2, tasks_pb2
 
 from libs.cassandra.taskstate import TaskKey, TaskStateStore
+from libs.errors import NotFound, ResourceExhausted
+from libs.sdk import Client
 from services.dispatcher.limits import TokenBucket
 from services.router.engine import shuffle_shard
 from tests.helpers import eventually
@@ -225,3 +228,41 @@ def test_an_adaptive_rate_backs_off_a_throttling_downstream_and_shows_why(
     first_ratio = sum(t for _, t in first) / len(first)
     later_ratio = sum(t for _, t in later) / len(later)
     assert first_ratio >= 0.5 and later_ratio <= 0.3, (first_ratio, later_ratio)
+
+
+def test_a_backlogged_tenant_is_refused_at_the_gateway_while_another_is_admitted(
+        suite, tenant_factory):
+    """A gateway with low thresholds: tenant A piles up tasks behind a concurrency cap of 1;
+    once the dispatchers report its backlog, A's submissions are refused RESOURCE_EXHAUSTED
+    (RetryInfo, QuotaFailure naming A) and store nothing, while B's are admitted."""
+    (a_id, a_key), (_, b_key) = tenant_factory(), tenant_factory()
+    suite.launch("gateway_admission", module="gateway", WEIR_ADMISSION_TENANT_BACKLOG="30",
+                 WEIR_ADMISSION_BACKLOG="40")
+    suite.wait_serving("gateway_admission")
+    try:
+        with Client(suite.address("gateway_admission"), api_key=a_key, timeout=30) as a, \
+                Client(suite.address("gateway_admission"), api_key=b_key, timeout=30) as b:
+            a.create_function("slow", "examples.demo:sleep",
+                              rate_limits={"max_concurrent_dispatches": 1})
+            assert all(r.task.task_id for r in a.create_tasks(
+                {"function": "slow", "payload": b"500"} for _ in range(100)))
+
+            probes = iter(range(1000))
+
+            def refused() -> tuple[str, ResourceExhausted]:
+                task_id = f"probe-{next(probes)}"
+                try:
+                    a.create_task("echo", b"one more", task_id=task_id)
+                except ResourceExhausted as exc:
+                    return task_id, exc
+                raise AssertionError("admitted: the backlog is not reported yet")
+            task_id, error = eventually(refused, timeout=30, interval=0.25)
+            assert error.reason == "TENANT_BACKLOG" and error.retry_after.total_seconds() == 1
+            assert error.subject == f"tenant:{a_id}" and "tenant has" in error.message
+            with pytest.raises(NotFound):
+                a.get_task(task_id)  # nothing was stored
+            # The whole backlog is past its 40 too, but B sends little: it is admitted.
+            assert b.create_task("echo", b"admitted").task_id
+            a.batch_cancel_tasks('function = "slow"')
+    finally:
+        suite.terminate("gateway_admission")
