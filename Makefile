@@ -78,8 +78,9 @@ stop: ## Stop the services, then Kafka and Cassandra.
 status: ## Show what is running.
 	@deploy/local/services.sh status; deploy/local/engines.sh status
 
-lint: venv tools ## ruff and buf lint.
+lint: venv proto tools ## ruff, mypy and buf lint.
 	$(VENV)/bin/ruff check libs services tests benchmarks deploy
+	$(VENV)/bin/mypy  # configured in pyproject.toml; reads gen/python, hence proto
 	mkdir -p .cache/protodeps/google/rpc && cp "$(SITE)/google/rpc/status.proto" .cache/protodeps/google/rpc/
 	$(TOOLS)/buf lint
 

@@ -136,6 +136,7 @@ def steady(client: Client, store: TaskStateStore, outcomes: Outcomes, tenant_id:
         chunk = ids[start:start + 500]
         for task_id, stored in zip(chunk, store.get_many(TaskKey(tenant_id, i) for i in chunk),
                                    strict=True):
+            assert stored is not None  # created by the gateway, so stored
             running = next(s for s in stored.stages()
                            if s.state == tasks_pb2.TaskState.TASK_STATE_RUNNING)
             latencies.append((running.time.ToNanoseconds() / 1e9 - sent[task_id]) * 1000)

@@ -52,6 +52,7 @@ def timer_lateness(client: Client, store: TaskStateStore, tenant_id: str, count:
         time.sleep(1)
     queued, running = [], []
     for item in found:
+        assert item is not None  # the wait above saw every task
         due = item.spec.task.schedule_time.ToNanoseconds() / 1e9
         stages = {s.state: s.time.ToNanoseconds() / 1e9 for s in item.stages()}
         queued.append((stages[State.TASK_STATE_QUEUED] - due) * 1000)

@@ -117,7 +117,7 @@ class ResourceExhausted(WeirError):
         return details
 
 
-_BY_CODE = {cls.code: cls for cls in (
+_BY_CODE: dict[grpc.StatusCode, type[WeirError]] = {cls.code: cls for cls in (
     InvalidArgument, Unauthenticated, PermissionDenied, NotFound, AlreadyExists,
     FailedPrecondition, Unimplemented, Unavailable, DeadlineExceeded, ResourceExhausted)}
 
@@ -126,11 +126,12 @@ def from_rpc_error(error: grpc.RpcError) -> WeirError:
     """Rebuilds the typed error a server raised from the status a client received."""
     status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
     code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-    message = status.message if status else (error.details() or "")  # type: ignore[union-attr]
+    message = status.message if status else (error.details() or "")
     info = error_details_pb2.ErrorInfo()
     violations: dict[str, str] = {}
     retry_after = timedelta(0)
     subject = ""
+    detail: any_pb2.Any  # grpc_status's stubs type the status as Any
     for detail in status.details if status else []:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             detail.Unpack(info)
@@ -152,6 +153,7 @@ def from_rpc_error(error: grpc.RpcError) -> WeirError:
     if cls is ResourceExhausted:
         return ResourceExhausted(message, retry_after=retry_after, reason=info.reason,
                                  metadata=dict(info.metadata), subject=subject)
+    # The rest take WeirError's arguments (the two that do not are built above).
     err = (cls or WeirError)(message, reason=info.reason, metadata=dict(info.metadata))
     if cls is None:
         err.code = code

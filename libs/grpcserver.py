@@ -42,6 +42,7 @@ import grpc
 import kafka.errors
 from cassandra.cluster import NoHostAvailable
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs lack it
 from grpc_reflection.v1alpha import reflection
 
 from libs import tls
@@ -308,7 +309,7 @@ class GrpcServer:
     """A started server on its own event-loop thread, with its health servicer."""
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, thread: threading.Thread,
-                 server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                 server: grpc.aio.Server, health_servicer: health_aio.HealthServicer,
                  pool: futures.ThreadPoolExecutor, names: Sequence[str], port: int) -> None:
         self.loop = loop
         self._thread = thread
@@ -387,7 +388,7 @@ def create_server(*, host: str, port: int, servicers: Iterable[Servicer], worker
     thread = threading.Thread(target=loop.run_forever, name="grpc-loop", daemon=True)
     thread.start()
 
-    async def start() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    async def start() -> tuple[grpc.aio.Server, health_aio.HealthServicer, int]:
         options: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
         if credentials is not None:
             options += tls.MESSAGE_LIMITS
@@ -395,7 +396,7 @@ def create_server(*, host: str, port: int, servicers: Iterable[Servicer], worker
                                  options=options)
         for s in servicers:
             s.add(server)
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = [s.name for s in servicers]
         reflection.enable_server_reflection(

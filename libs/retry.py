@@ -74,7 +74,7 @@ def backoff(policy: RetryPolicy, retry: int, *, throttled: bool = False) -> time
 class Decision:
     """What follows a failed attempt: RETRY_WAIT for ``delay``, or a final state."""
 
-    state: int
+    state: tasks_pb2.TaskState
     delay: timedelta = timedelta(0)
     detail: str = ""
 

@@ -29,7 +29,7 @@ Routed = tuple[str, int, records_pb2.TaskMessage]
 
 
 def message_of(spec: records_pb2.TaskSpec, *, attempt_number: int,
-               kind: int = Kind.MESSAGE_KIND_UNSPECIFIED, check_state: bool = False,
+               kind: Kind = Kind.MESSAGE_KIND_UNSPECIFIED, check_state: bool = False,
                enqueue_time: Timestamp | None = None) -> records_pb2.TaskMessage:
     """The message that asks the owner to run a task (or, with ``kind``, re-drive it).
 

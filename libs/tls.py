@@ -119,7 +119,7 @@ class Credentials:
                                             certificate_chain=self.certificate)
 
 
-def peer_identity(context: grpc.ServicerContext) -> str | None:
+def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
     """The Weir identity of the caller, from its verified client certificate."""
     auth = context.auth_context() or {}
     for raw in auth.get("x509_subject_alternative_name", ()):

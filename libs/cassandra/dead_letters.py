@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from cassandra.cluster import ResponseFuture, Session
 from weir.storage.v1 import records_pb2
-from weir.v1 import dead_letters_pb2
+from weir.v1 import common_pb2, dead_letters_pb2
 
 from libs.cassandra.taskstate import StoredTask, timestamp_of
 
@@ -30,8 +30,8 @@ def dead_letter_of(stored: StoredTask, *, when: datetime) -> dead_letters_pb2.De
     return dead_letters_pb2.DeadLetter(
         task_id=task.task_id, function=task.function, payload=stored.payload,
         dead_letter_time=timestamp_of(when), last_status=status.last_status,
-        error_class=attempts[-1].error_class if attempts else 0, attempts=attempts,
-        redrive_count=status.redrive_count)
+        error_class=attempts[-1].error_class if attempts else common_pb2.ERROR_CLASS_UNSPECIFIED,
+        attempts=attempts, redrive_count=status.redrive_count)
 
 
 class DeadLetterStore:

@@ -121,9 +121,9 @@ class PartitionOwners:
             result = self._session.execute(self._take, (
                 row.epoch + 1, owner, start, start + self._length, topic, partition, row.epoch))
             if result.was_applied:
-                minute = row.timer_minute.replace(tzinfo=UTC) if row.timer_minute else None
+                timer_minute = row.timer_minute.replace(tzinfo=UTC) if row.timer_minute else None
                 return Ownership(topic, partition, row.epoch + 1, start, start + self._length,
-                                 minute)
+                                 timer_minute)
         raise OwnershipLost(f"{topic}/{partition}: could not take an epoch in {tries} tries")
 
     def current(self, topic: str, partition: int) -> tuple[int, int] | None:

@@ -51,7 +51,7 @@ class StoredTask:
     """A task as stored: its spec, state and status, result, and history rows."""
 
     spec: records_pb2.TaskSpec
-    state: int
+    state: tasks_pb2.TaskState
     status: records_pb2.TaskStatus
     result: bytes = b""
     payload_override: bytes | None = None

@@ -169,8 +169,7 @@ class Intake:
         # Every take happens on the one intake thread, so a partition's records stay in order.
         for item in items:
             if item.read is not None:
-                item.read.add_done_callback(lambda _f, p=partition: self._reads.submit(
-                    self.drain, p))
+                item.read.add_done_callback(lambda _f: self._reads.submit(self.drain, partition))
         self._reads.submit(self.drain, partition)
 
     def drain(self, partition: PartitionId) -> None:

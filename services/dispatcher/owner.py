@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, status_pb2
 from weir.internal.dispatcher.v1 import dispatcher_pb2
 from weir.internal.router.v1 import router_pb2
@@ -100,7 +101,7 @@ class Held:
     partition: PartitionId
     message: records_pb2.TaskMessage  # function, payload, priority, labels, expiry...
     function: functions_pb2.Function | None
-    state: int
+    state: State
     status: records_pb2.TaskStatus
     floor: int  # microseconds: every write of it comes after its creation
     history: records_pb2.TaskHistory = field(default_factory=records_pb2.TaskHistory)
@@ -131,7 +132,7 @@ class Stream:
     """An executor-manager's Work stream, as the owner sees it."""
 
     executor_id: str
-    wake: Callable[[], None]
+    wake: Callable[[], object]  # its result is ignored
     credits: int = 0
     draining: bool = False
     assignments: list[dispatcher_pb2.Assignment] = field(default_factory=list)
@@ -214,7 +215,7 @@ class ReadyQueue:
         if sum(self._shares.values()) >= 1:
             raise ValueError(f"the lower tiers' shares add up to 1 or more: {self._shares}")
         self._owed = {t: 0.0 for t in TIERS}
-        self._aside: dict[object, deque[Held]] = {}
+        self._aside: dict[LimitKey, deque[Held]] = {}
         self._waiting: Counter[PartitionId] = Counter()
         self._tenants: Counter[str] = Counter()  # waiting, by tenant: the backlog reported
         self._count = 0
@@ -276,12 +277,12 @@ class ReadyQueue:
                 return True
         return False
 
-    def set_aside(self, key: object, held: Held) -> None:
+    def set_aside(self, key: LimitKey, held: Held) -> None:
         """A popped task that a limit holds back: it waits under ``key``."""
         self._aside.setdefault(key, deque()).append(held)
         self._count_in(held)
 
-    def release(self, key: object, count: int = 1) -> None:
+    def release(self, key: LimitKey, count: int = 1) -> None:
         """Up to ``count`` tasks set aside under ``key`` become ready again, oldest first."""
         aside = self._aside.get(key)
         while aside and count > 0:
@@ -290,10 +291,10 @@ class ReadyQueue:
         if aside is not None and not aside:
             del self._aside[key]
 
-    def aside(self, key: object) -> int:
+    def aside(self, key: LimitKey) -> int:
         return len(self._aside.get(key, ()))
 
-    def aside_keys(self) -> list[object]:
+    def aside_keys(self) -> list[LimitKey]:
         return list(self._aside)
 
     def waiting(self) -> dict[PartitionId, int]:
@@ -475,7 +476,7 @@ class Owner:
 
     def _new_held(self, partition: PartitionId, key: TaskKey,
                   message: records_pb2.TaskMessage, function: functions_pb2.Function | None,
-                  *, state: int, status: records_pb2.TaskStatus | None = None,
+                  *, state: State, status: records_pb2.TaskStatus | None = None,
                   stored: StoredTask | None = None) -> Held:
         created = micros(message.create_time.ToDatetime(tzinfo=UTC)) \
             if message.HasField("create_time") else 0
@@ -723,7 +724,7 @@ class Owner:
 
     # --- executors -------------------------------------------------------------------------
 
-    def connect(self, stream_id: int, executor_id: str, wake: Callable[[], None]) -> Stream:
+    def connect(self, stream_id: int, executor_id: str, wake: Callable[[], object]) -> Stream:
         with self._lock:
             stream = Stream(executor_id, wake)
             self._streams[stream_id] = stream
@@ -1013,15 +1014,15 @@ class Owner:
 
     # --- changes and flushing --------------------------------------------------------------
 
-    def _stage(self, held: Held, state: int, detail: str, *, attempt: int | None = None,
-               at: object = None, service: str = SERVICE) -> None:
+    def _stage(self, held: Held, state: State, detail: str, *, attempt: int | None = None,
+               at: Timestamp | None = None, service: str = SERVICE) -> None:
         stage = tasks_pb2.TaskStage(
             state=state, service=service, detail=detail[:1024],
             attempt_number=held.status.attempt_count if attempt is None else attempt)
         stage.time.CopyFrom(at if at is not None else timestamp_of(now_utc()))
         held.history.stages.append(stage)
 
-    def _end(self, held: Held, state: int, detail: str, *,
+    def _end(self, held: Held, state: State, detail: str, *,
              attempt: tasks_pb2.Attempt | None = None, service: str = SERVICE) -> None:
         """A final state: written, published, then the task leaves memory."""
         held.state = state

@@ -413,8 +413,8 @@ class AttemptResult:
     end_time: datetime
     result: bytes = b""
     status: status_pb2.Status | None = None  # None: success
-    error_class: int = ErrorClass.ERROR_CLASS_UNSPECIFIED  # weir.v1.ErrorClass
-    exit_reason: int = Exit.EXIT_REASON_RETURNED  # weir.v1.ExitReason
+    error_class: ErrorClass = ErrorClass.ERROR_CLASS_UNSPECIFIED
+    exit_reason: Exit = Exit.EXIT_REASON_RETURNED
     retry_delay: timedelta | None = None  # asked for by the handler
     traceback: str = ""  # the handler's, when it raised
 
@@ -452,7 +452,7 @@ class Held:
         self.link: Link | None = None  # the worker it was sent to
         self.deadline = 0.0  # monotonic; from sending until its start is known, then start
         self.start_time: datetime | None = None
-        self.ending: int | None = None  # an exit reason the pool decided (TIMED_OUT, CANCELLED)
+        self.ending: Exit | None = None  # an exit reason the pool decided (TIMED_OUT, CANCELLED)
 
 
 class Link:
@@ -509,7 +509,7 @@ def outcome_of(attempt_id: str, start_time: datetime | None, update: Any) -> Att
         traceback=error.traceback)
 
 
-def stopped_result(spec: AttemptSpec, start_time: datetime | None, *, exit_reason: int,
+def stopped_result(spec: AttemptSpec, start_time: datetime | None, *, exit_reason: Exit,
                    detail: str, now: datetime) -> AttemptResult:
     """The result of an attempt the pool ended without an answer from its worker."""
     if exit_reason == Exit.EXIT_REASON_TIMED_OUT:

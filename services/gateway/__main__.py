@@ -53,7 +53,7 @@ def start(config: WeirConfig) -> service.Started:
     functions, dedup = FunctionStore(session), DedupStore(session)
     dead_letters, operations = DeadLetterStore(session), OperationStore(session)
 
-    def route(tenant_id: str, function: str, priority: int) -> router_pb2.Route:
+    def route(tenant_id: str, function: str, priority: common_pb2.Priority) -> router_pb2.Route:
         return router.GetRoute(router_pb2.GetRouteRequest(
             tenant_id=tenant_id, function=function, priority=priority), timeout=5)
 

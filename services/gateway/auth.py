@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
@@ -31,7 +31,7 @@ class ApiKeyAuthenticator:
         self._cache: dict[str, tuple[str, float]] = {}  # key hash -> (tenant, expiry)
         self._lock = threading.Lock()
 
-    def authenticate(self, metadata: Sequence[tuple[str, str | bytes]]) -> str:
+    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> str:
         """The tenant the call's key belongs to (may read Cassandra: call it off the loop).
 
         Raises:
@@ -56,7 +56,7 @@ class ApiKeyAuthenticator:
         return hit[0] if hit and hit[1] > self._clock() else None
 
     @staticmethod
-    def key_of(metadata: Sequence[tuple[str, str | bytes]]) -> tuple[str, str]:
+    def key_of(metadata: Iterable[tuple[str, str | bytes]]) -> tuple[str, str]:
         """(hash, key) of the one bearer key in the metadata."""
         values = [v for k, v in metadata if k == "authorization"]
         if not values:
@@ -94,8 +94,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def admit(context: grpc.aio.ServicerContext) -> Callable[[], None]:
             metadata = context.invocation_metadata() or ()
             key_hash, _ = authenticator.key_of(metadata)
-            tenant = authenticator.cached(key_hash) or await asyncio.to_thread(
-                authenticator.authenticate, metadata)
+            # Not `cached(...) or await ...`: mypy then infers the awaited str as str | None.
+            tenant = authenticator.cached(key_hash)
+            if not tenant:
+                tenant = await asyncio.to_thread(authenticator.authenticate, metadata)
             token = current_tenant.set(tenant)
             return lambda: current_tenant.reset(token)
 

@@ -77,8 +77,8 @@ class Submitter:
 
     def __init__(self, *, tasks: TaskStateStore, listing: TaskListing,
                  submissions: SubmissionStore, functions: TtlCache, dedup: DedupStore,
-                 route: Callable[[str, str, int], router_pb2.Route], producer: Producer,
-                 crash_after_store: bool = False) -> None:
+                 route: Callable[[str, str, common_pb2.Priority], router_pb2.Route],
+                 producer: Producer, crash_after_store: bool = False) -> None:
         self._tasks = tasks
         self._listing = listing
         self._submissions = submissions
@@ -165,12 +165,12 @@ class Submitter:
         return functions
 
     def _submit(self, specs: list[records_pb2.TaskSpec], *, now: datetime, created: Timestamp,
-                claims: list[tuple[str, str]]) -> list[int]:
+                claims: list[tuple[str, str]]) -> list[State]:
         """Lists the submission, stores the tasks (created at ``now``), produces them;
         returns their states."""
         submission = Submission.new(now)
-        states: list[int] = [SCHEDULED if spec.task.HasField("schedule_time") else QUEUED
-                             for spec in specs]
+        states: list[State] = [SCHEDULED if spec.task.HasField("schedule_time") else QUEUED
+                               for spec in specs]
         try:
             # First, and durable before any task is: a crash after it leaves work to sweep.
             self._submissions.begin(submission, [TaskKey(s.tenant_id, s.task.task_id)
@@ -244,7 +244,7 @@ def _shard_of(route: router_pb2.Route) -> Shard:
     return Shard(route.topic, tuple(route.partitions))
 
 
-def _shown(spec: records_pb2.TaskSpec, state: int) -> tasks_pb2.Task:
+def _shown(spec: records_pb2.TaskSpec, state: State) -> tasks_pb2.Task:
     """A created task as the API shows it (no payload)."""
     task = tasks_pb2.Task()
     task.CopyFrom(spec.task)

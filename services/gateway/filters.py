@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -79,7 +79,7 @@ class Filter:
     checks: list[Callable[[Any], bool]] = field(default_factory=list)
 
     @classmethod
-    def parse(cls, text: str) -> Filter:
+    def parse(cls, text: str) -> Self:
         """Reads a filter in time linear in its length.
 
         Args:

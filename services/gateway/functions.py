@@ -91,7 +91,9 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
             raise InvalidArgument({"update_mask": f"at most {MAX_MASK_PATHS} paths"})
         mask = field_mask_pb2.FieldMask(paths=paths)
         bad = [p for p in paths if p.split(".")[0] in IMMUTABLE]
-        if bad or not mask.IsValidForDescriptor(functions_pb2.Function.DESCRIPTOR):
+        # types-protobuf: DESCRIPTOR may be the upb Descriptor, which it does not accept here.
+        descriptor = functions_pb2.Function.DESCRIPTOR
+        if bad or not mask.IsValidForDescriptor(descriptor):  # type: ignore[arg-type]
             shown = ", ".join(excerpt(p, 40) for p in (bad or paths)[:5])
             raise InvalidArgument({"update_mask": f"cannot change {shown}: name fields of "
                                                   "Function other than name, state and times"})

@@ -10,6 +10,7 @@ the last few is harmless.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import threading
@@ -47,7 +48,7 @@ REQUEST_ID_WINDOW = timedelta(hours=24)
 Item = tuple[str, Callable[[], bool]]
 
 
-def new_operation(tenant_id: str, kind: int, description: str, *, filter: str = "",
+def new_operation(tenant_id: str, kind: Kind, description: str, *, filter: str = "",
                   task_ids: Sequence[str] = (), payload_override: bytes | None = None,
                   function: str = "", items_per_second: float) -> records_pb2.OperationRecord:
     operation = operations_pb2.Operation(
@@ -231,13 +232,15 @@ class OperationRunner:
             cursor = after.to_json()
             if stored is None or (unfinished_only and stored.state in FINAL_STATES):
                 continue
+            # partial, not a lambda binding `stored` by default: mypy cannot type that.
             if delete:
-                yield cursor, lambda s=stored: control.delete(s)
+                yield cursor, functools.partial(control.delete, stored)
             else:
                 # Done once asked: the owner cancels it. A task already CANCELLED is done too
                 # (a repeat after a take-over); one that ended otherwise is not.
-                yield cursor, lambda s=stored: control.request_cancel(
-                    s, reason=f"cancelled by {record.operation.name}")
+                yield cursor, functools.partial(
+                    control.request_cancel, stored,
+                    reason=f"cancelled by {record.operation.name}")
 
     def _dead_letter_items(self, record: records_pb2.OperationRecord) -> Iterator[Item]:
         override = record.payload_override if record.HasField("payload_override") else None
@@ -251,7 +254,7 @@ class OperationRunner:
         if record.task_ids:
             start = int(record.cursor or 0)
             for index, task_id in enumerate(record.task_ids[start:], start=start):
-                yield str(index + 1), lambda t=task_id: redrive(t)
+                yield str(index + 1), functools.partial(redrive, task_id)
             return
         letter_filter = DeadLetterFilter.parse(record.filter)
         # Newest first; re-driven letters leave the listing behind the scan's mark.
@@ -263,7 +266,7 @@ class OperationRunner:
             for row in rows:
                 after = (row.dead_letter_time, row.task_id)
                 if letter_filter.matches(row):
-                    yield encode_mark(after), lambda t=row.task_id: redrive(t)
+                    yield encode_mark(after), functools.partial(redrive, row.task_id)
 
 
 def encode_mark(mark: tuple[datetime, str]) -> str:

@@ -123,7 +123,7 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         return self._start_batch(request, Kind.OPERATION_KIND_DELETE_TASKS, "BatchDeleteTasks")
 
     def _start_batch(self, request: tasks_pb2.BatchCancelTasksRequest
-                     | tasks_pb2.BatchDeleteTasksRequest, kind: int, method: str
+                     | tasks_pb2.BatchDeleteTasksRequest, kind: Kind, method: str
                      ) -> operations_pb2.Operation:
         validation.check_request_id(request.request_id)
         if not request.filter.strip():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -153,7 +153,7 @@ def task_violations(request: tasks_pb2.CreateTaskRequest, *, prefix: str,
     return problems
 
 
-def _label_violations(labels: dict[str, str], *, at: str) -> dict[str, str]:
+def _label_violations(labels: Mapping[str, str], *, at: str) -> dict[str, str]:
     if len(labels) > MAX_LABELS:
         return {at: f"at most {MAX_LABELS} labels (got {len(labels)})"}
     for key, value in sorted(labels.items()):

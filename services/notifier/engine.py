@@ -242,20 +242,29 @@ class Notifier:
         signature = sign(tenant.webhook_secret if tenant else b"", body)
         tenant_id, task_id = outcome.tenant_id, outcome.task_id
         deliveries: list[Callable[[Callable[[], None]], None]] = []
+        # Defs, not lambdas: mypy cannot type a lambda whose defaults bind the loop variables.
         for topic in topics:  # stored before they were refused at submission
-            deliveries.append(lambda done, t=topic: self._sender.refuse(
-                tenant_id=tenant_id, task_id=task_id, target=f"kafka:{t}",
-                error=webhooks.KAFKA_REFUSED, done=done))
+            def refuse_topic(done: Callable[[], None], t: str = topic) -> None:
+                self._sender.refuse(tenant_id=tenant_id, task_id=task_id, target=f"kafka:{t}",
+                                    error=webhooks.KAFKA_REFUSED, done=done)
+            deliveries.append(refuse_topic)
         for url, headers in urls.items():
             bad_header = webhooks.header_violation(headers)
             if bad_header:
                 where, problem = bad_header
-                deliveries.append(lambda done, u=url, e=f"headers{where}: {problem}":
-                                  self._sender.refuse(tenant_id=tenant_id, task_id=task_id,
-                                                      target=u, error=e, done=done))
+
+                def refuse_url(done: Callable[[], None], u: str = url,
+                               e: str = f"headers{where}: {problem}") -> None:
+                    self._sender.refuse(tenant_id=tenant_id, task_id=task_id, target=u,
+                                        error=e, done=done)
+                deliveries.append(refuse_url)
                 continue
-            deliveries.append(lambda done, u=url, h=headers: self._sender.send(
-                tenant_id=tenant_id, task_id=task_id, url=u,
-                headers={**h, SIGNATURE_HEADER: signature, "Weir-Task-Id": task_id},
-                body=body, done=done))
+
+            def send(done: Callable[[], None], u: str = url,
+                     h: dict[str, str] = headers) -> None:
+                self._sender.send(
+                    tenant_id=tenant_id, task_id=task_id, url=u,
+                    headers={**h, SIGNATURE_HEADER: signature, "Weir-Task-Id": task_id},
+                    body=body, done=done)
+            deliveries.append(send)
         return deliveries

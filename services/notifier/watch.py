@@ -33,10 +33,10 @@ class Watchers:
     """Who waits for news of which task; `notify` may be called from any thread."""
 
     def __init__(self) -> None:
-        self._callbacks: dict[Key, set[Callable[[], None]]] = {}
+        self._callbacks: dict[Key, set[Callable[[], object]]] = {}
         self._lock = threading.Lock()
 
-    def subscribe(self, key: Key, callback: Callable[[], None]) -> Callable[[], None]:
+    def subscribe(self, key: Key, callback: Callable[[], object]) -> Callable[[], None]:
         """Calls ``callback`` on each `notify` of ``key``; returns the unsubscribe."""
         with self._lock:
             self._callbacks.setdefault(key, set()).add(callback)
