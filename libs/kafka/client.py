@@ -202,6 +202,16 @@ class Consumer:
         """The offset after each partition's last record, now."""
         return self._consumer.end_offsets(list(partitions))
 
+    def unread(self, partitions: Iterable[TopicPartition]) -> dict[TopicPartition, int]:
+        """Records not fetched yet per assigned partition: its end now less this consumer's
+        position (one ListOffsets request; on the consumer's thread, like every call here)."""
+        owned = list(set(partitions) & self._consumer.assignment())
+        if not owned:
+            return {}
+        ends = self._consumer.end_offsets(owned)
+        return {tp: max(0, ends[tp] - self._consumer.position(tp)) for tp in owned
+                if tp in ends}
+
     def commit(self, partitions: Iterable[TopicPartition] | None = None, *,
                wait: bool = True) -> dict[TopicPartition, int]:
         """Commits each owned partition up to its lowest unacknowledged offset."""

@@ -29,6 +29,7 @@ from services.dispatcher.engine import (
     Publisher,
     TenantLimits,
     TimerWheel,
+    UnreadBacklog,
 )
 from services.dispatcher.owner import Owner
 from services.dispatcher.server import create_server
@@ -55,8 +56,10 @@ def start(config: WeirConfig) -> service.Started:
                       dead_letters=DeadLetterStore(session), parked=ParkedStore(session),
                       timers=timers, functions=functions,
                       publisher=Publisher(producer, results.name, results.partitions)).start()
-    intake = Intake(owner=owner, tasks=tasks, functions=functions, tenants=tenants)
-    partitions = PartitionConsumer(owner=owner, intake=intake)
+    unread = UnreadBacklog()
+    intake = Intake(owner=owner, tasks=tasks, functions=functions, tenants=tenants,
+                    unread=unread)
+    partitions = PartitionConsumer(owner=owner, intake=intake, unread=unread)
     consumer = Consumer(bootstrap=config.kafka_bootstrap,
                         group_id=f"{config.topic_prefix}-dispatchers", client_id=owner_name,
                         topics=[task_topic(config.topic_prefix, t) for t in PRIORITY_TIERS],
@@ -71,7 +74,7 @@ def start(config: WeirConfig) -> service.Started:
     router = router_pb2_grpc.RouterServiceStub(tls.Credentials.of(config, "dispatcher").channel(
         config.router_address, "router"))
     limits = Periodic("limit-shares", 0.02, LimitSync(
-        owner=owner, router=router, dispatcher_id=owner_name).step).start()
+        owner=owner, router=router, dispatcher_id=owner_name, unread=unread).step).start()
 
     started: list[service.Started] = []
     # A dead loop takes no more tasks: NOT_SERVING, then exit 1 (its partitions move to the

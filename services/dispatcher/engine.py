@@ -21,7 +21,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +59,7 @@ TIMER_MARGIN = timedelta(seconds=15)  # a minute's timers are done this long aft
 PARTITION_LIMIT = 1000
 TIER_LIMIT = 5000
 SHARE_SECONDS = 0.25  # how often the limit shares are renewed at the router
+UNREAD_SECONDS = 1.0  # how often the unread records of owned partitions are counted
 ROUTER_COMPLAINT_SECONDS = 10.0  # an unreachable router is logged at most this often
 MAX_BACKLOG_TENANTS = 10_000  # the largest backlogs reported; the router takes no more
 
@@ -111,6 +112,55 @@ class TenantLimits:
         return tenant.rate_limits if tenant is not None else None
 
 
+class UnreadBacklog:
+    """Tasks still on Kafka, unread, by tenant — estimated, since records are read in order:
+    each owned partition's unread records (refreshed every `UNREAD_SECONDS`) times its recent
+    tasks per record, shared among tenants as their tasks were among its recent records.
+    Fast tasks pile up there rather than in memory, so admission needs it."""
+
+    DECAY_AT = 5000  # tasks seen per partition before the mix halves: recent ones count
+
+    def __init__(self) -> None:
+        self._mix: dict[PartitionId, Counter[str]] = {}
+        self._per_record: dict[PartitionId, float] = {}
+        self._unread: dict[PartitionId, int] = {}
+        self._lock = threading.Lock()
+
+    def seen(self, partition: PartitionId, tenants: Counter[str]) -> None:
+        """A record of the partition was read with these tasks per tenant."""
+        tasks = tenants.total()
+        with self._lock:
+            mix = self._mix.setdefault(partition, Counter())
+            mix.update(tenants)
+            if mix.total() > self.DECAY_AT:
+                for tenant in list(mix):
+                    mix[tenant] //= 2
+                    if not mix[tenant]:
+                        del mix[tenant]
+            before = self._per_record.get(partition, float(tasks))
+            self._per_record[partition] = 0.9 * before + 0.1 * tasks
+
+    def set_unread(self, unread: dict[PartitionId, int]) -> None:
+        with self._lock:
+            self._unread = dict(unread)
+            for partition in set(self._mix) - set(unread):
+                del self._mix[partition]  # no longer ours
+                self._per_record.pop(partition, None)
+
+    def by_tenant(self) -> dict[str, int]:
+        estimate: Counter[str] = Counter()
+        with self._lock:
+            for partition, records in self._unread.items():
+                mix = self._mix.get(partition)
+                if not records or not mix:
+                    continue
+                tasks = records * self._per_record[partition]
+                total = mix.total()
+                for tenant, count in mix.items():
+                    estimate[tenant] += round(tasks * count / total)
+        return {t: n for t, n in estimate.items() if n > 0}
+
+
 @dataclass
 class _Pending:
     """A record's task waiting its turn in its partition's queue."""
@@ -124,8 +174,10 @@ class Intake:
     """Hands consumed records to the owner, in offset order per partition."""
 
     def __init__(self, *, owner: Owner, tasks: TaskStateStore, functions: Functions,
-                 tenants: TenantLimits | None = None) -> None:
+                 tenants: TenantLimits | None = None, unread: UnreadBacklog | None = None
+                 ) -> None:
         self._owner = owner
+        self._unread = unread
         self._tasks = tasks
         self._functions = functions
         self._tenants = tenants
@@ -151,6 +203,8 @@ class Intake:
         if not batch.tasks:
             message.ack()
             return
+        if self._unread is not None:
+            self._unread.seen(partition, Counter(task.tenant_id for task in batch.tasks))
         ack = RecordAck(message.ack, len(batch.tasks), message.nack)
         replaying = again or self._owner.replaying(partition, message.offset)
         items = []
@@ -663,9 +717,14 @@ class PartitionConsumer:
     """The consumer group side: assignment and revocation, pausing what is not adopted yet
     or while the ready queue is full, all on the consumer's own thread."""
 
-    def __init__(self, *, owner: Owner, intake: Intake) -> None:
+    def __init__(self, *, owner: Owner, intake: Intake,
+                 unread: UnreadBacklog | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._owner = owner
         self._intake = intake
+        self._unread = unread
+        self._clock = clock
+        self._unread_at = -UNREAD_SECONDS
         self._adoption: Adoption | None = None
         self._consumer: Consumer | None = None
         self._commands: deque[Callable[[], None]] = deque()
@@ -706,6 +765,15 @@ class PartitionConsumer:
         if resume:
             self._consumer.resume(resume)
         self._paused_for_backlog = pause
+        if self._unread is not None and self._clock() - self._unread_at >= UNREAD_SECONDS:
+            self._unread_at = self._clock()
+            try:
+                unread = self._consumer.unread(owned)
+            except Exception:  # a broker away or a rebalance: an estimate, never a reason to stop
+                log.warning("cannot count the unread records", exc_info=True)
+            else:
+                self._unread.set_unread({(tp.topic, tp.partition): n
+                                         for tp, n in unread.items()})
 
     def _take_over(self, partitions: set[TopicPartition]) -> None:
         assert self._consumer is not None and self._adoption is not None
@@ -723,8 +791,10 @@ class LimitSync:
     come."""
 
     def __init__(self, *, owner: Owner, router: router_pb2_grpc.RouterServiceStub,
-                 dispatcher_id: str, clock: Callable[[], float] = time.monotonic) -> None:
+                 dispatcher_id: str, unread: UnreadBacklog | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._owner = owner
+        self._unread = unread
         self._router = router
         self._id = dispatcher_id
         self._clock = clock
@@ -739,8 +809,10 @@ class LimitSync:
             return
         self._last = now
         demands = self._owner.limit_demands()
-        backlog = heapq.nlargest(MAX_BACKLOG_TENANTS, self._owner.backlog().items(),
-                                 key=lambda item: item[1])
+        waiting = Counter(self._owner.backlog())
+        if self._unread is not None:
+            waiting.update(self._unread.by_tenant())
+        backlog = heapq.nlargest(MAX_BACKLOG_TENANTS, waiting.items(), key=lambda item: item[1])
         if not demands and not backlog and not self._had_news:
             return  # (an empty report once after the last, so the router frees what we held)
         self._had_news = bool(demands or backlog)

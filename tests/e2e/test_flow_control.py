@@ -3,10 +3,8 @@ limits that hold across the whole cluster."""
 
 from __future__ import annotations
 
-import http.server
 import subprocess
 import sys
-import threading
 
 import pytest
 from weir.v1 import common_pb2, tasks_pb2
@@ -14,8 +12,7 @@ from weir.v1 import common_pb2, tasks_pb2
 from libs.cassandra.taskstate import TaskKey, TaskStateStore
 from libs.errors import NotFound, ResourceExhausted
 from libs.sdk import Client
-from services.dispatcher.limits import TokenBucket
-from services.router.engine import shuffle_shard
+from tests.flow import ThrottlingDownstream, most_at_once, split_across_owners
 from tests.helpers import eventually
 from tests.suite import ROOT
 
@@ -60,26 +57,6 @@ def test_high_goes_ahead_of_low_while_low_keeps_its_minimum_share(suite, cassand
         f"LOW took {low_share:.1%} of {len(during)} dispatches while HIGH waited")
 
 
-def split_across_owners(cassandra, tenant_id: str, topic: str, partitions: int, prefix: str
-                        ) -> str:
-    """A function name whose shard has partitions at two different dispatchers."""
-    owners = {row.partition: row.owner for row in cassandra.execute(
-        "SELECT partition, owner FROM partition_owners WHERE topic = %s", (topic,))}
-    for n in range(1000):
-        name = f"{prefix}{n}"
-        shard = shuffle_shard(tenant_id, name, partitions=partitions, shard_size=2)
-        if len({owners.get(p) for p in shard}) == 2:
-            return name
-    raise AssertionError(f"no shard spans two owners: {owners}")
-
-
-def most_at_once(intervals: list[tuple[int, int]]) -> int:
-    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
-    running = peak = 0
-    for _, step in edges:  # an end sorts before a start at the same instant
-        running += step
-        peak = max(peak, running)
-    return peak
 
 
 def test_rate_and_concurrency_limits_hold_across_two_dispatchers_and_two_executors(
@@ -167,34 +144,6 @@ def test_a_tenants_limits_set_by_the_operator_hold_over_all_its_functions(
                  for s in stored for a in s.attempts()]
     assert most_at_once(intervals) == 3
 
-
-class ThrottlingDownstream:
-    """An HTTP service that answers 429 to calls above ``per_second`` (a token bucket)."""
-
-    def __init__(self, per_second: float) -> None:
-        bucket, lock = TokenBucket(per_second, 1.0), threading.Lock()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-                with lock:
-                    ok = bucket.take()
-                self.send_response(200 if ok else 429)
-                self.end_headers()
-                self.wfile.write(b"done" if ok else b"slow down")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/call"
-
-    def __enter__(self) -> ThrottlingDownstream:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 def test_an_adaptive_rate_backs_off_a_throttling_downstream_and_shows_why(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from kafka import TopicPartition
 
 from libs.kafka.client import Consumer, Message, Producer, Record
 from libs.kafka.topics import TopicSpec, ensure_topics
@@ -127,3 +128,20 @@ def test_a_rebalance_that_gives_a_partition_back_redelivers_what_was_not_acked(
         first.close()
         if second is not None:
             second.close()
+
+
+def test_unread_counts_what_a_paused_partition_has_not_fetched(suite_config, topic, producer):
+    """What admission sees of a backlog still on Kafka: records past the consumer's position,
+    growing while the partition is paused (a backlogged dispatcher stops reading)."""
+    producer.send_all(Record(topic, b"first") for _ in range(3))
+    consumer = consumer_for(suite_config, topic, unique("g"))
+    try:
+        receive(consumer, 3)
+        tp = TopicPartition(topic, 0)
+        assert consumer.unread([tp]) == {tp: 0}
+        consumer.pause([tp])
+        producer.send_all(Record(topic, b"later") for _ in range(7))
+        assert consumer.unread([tp]) == {tp: 7}
+        assert consumer.unread([TopicPartition(topic, 5)]) == {}  # not assigned here
+    finally:
+        consumer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,7 +16,7 @@ BLOCKS = re.findall(r"<!-- tour -->\n```(bash|python)\n(.*?)```", README, re.S)
 
 
 def test_the_readme_has_a_grpcurl_and_an_sdk_tour():
-    assert [kind for kind, _ in BLOCKS] == ["bash", "python"]
+    assert [kind for kind, _ in BLOCKS] == ["bash", "bash", "python"]
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def checkout_like(tmp_path, tenant):
     return tmp_path
 
 
-@pytest.mark.parametrize("kind, code", BLOCKS, ids=[k for k, _ in BLOCKS])
+@pytest.mark.parametrize("kind, code", BLOCKS, ids=["grpcurl", "flow-control", "sdk"])
 def test_the_tour_block_runs_as_written(suite, checkout_like, kind, code):
     code = code.replace("127.0.0.1:50051", suite.address("gateway"))
     command = ["bash", "-euo", "pipefail", "-c", code] if kind == "bash" \
@@ -35,7 +36,13 @@ def test_the_tour_block_runs_as_written(suite, checkout_like, kind, code):
     result = subprocess.run(command, cwd=checkout_like, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    if kind == "bash":
+    if "paced" in code:
+        counts_line, tenant = result.stdout.split("\n", 1)
+        per_second = json.loads(counts_line)
+        assert sum(per_second) == 20 and max(per_second) <= 6 and len(per_second) >= 4, \
+            per_second
+        assert '"tenant_id"' in tenant
+    elif kind == "bash":
         assert "weir.v1.TaskService" in result.stdout
         assert "TASK_STATE_SUCCEEDED" in result.stdout and '"aGVsbG8="' in result.stdout
         assert "Unauthenticated" in result.stderr

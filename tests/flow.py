@@ -1,0 +1,74 @@
+"""Shared by the flow-control tests and benchmark: a throttling downstream, a function
+spread over two dispatchers, and how many attempts were out at once."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import time
+
+from cassandra.cluster import Session
+
+from services.dispatcher.limits import TokenBucket
+from services.router.engine import shuffle_shard
+
+
+def split_across_owners(cassandra: Session, tenant_id: str, topic: str, partitions: int,
+                        prefix: str) -> str:
+    """A function name whose shard has partitions at two different dispatchers."""
+    owners = {row.partition: row.owner for row in cassandra.execute(
+        "SELECT partition, owner FROM partition_owners WHERE topic = %s", (topic,))}
+    for n in range(1000):
+        name = f"{prefix}{n}"
+        shard = shuffle_shard(tenant_id, name, partitions=partitions, shard_size=2)
+        if len({owners.get(p) for p in shard}) == 2:
+            return name
+    raise AssertionError(f"no shard spans two owners: {owners}")
+
+
+def most_at_once(intervals: list[tuple[int, int]]) -> int:
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, step in edges:  # an end sorts before a start at the same instant
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+class ThrottlingDownstream:
+    """An HTTP service that answers 429 to calls above ``per_second`` (a token bucket of
+    ``burst``); it records each call's time (monotonic) and whether it was served."""
+
+    def __init__(self, per_second: float, *, burst: float = 1.0) -> None:
+        self._burst = burst
+        self._bucket, self._lock = TokenBucket(per_second, burst), threading.Lock()
+        lock = self._lock
+        self.calls: list[tuple[float, bool]] = []
+        bucket, calls = self._bucket, self.calls
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+                with lock:
+                    ok = bucket.take()
+                    calls.append((time.monotonic(), ok))
+                self.send_response(200 if ok else 429)
+                self.end_headers()
+                self.wfile.write(b"done" if ok else b"slow down")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/call"
+
+    def set_rate(self, per_second: float) -> None:
+        with self._lock:
+            self._bucket.set(per_second, self._burst)
+
+    def __enter__(self) -> ThrottlingDownstream:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
