@@ -92,6 +92,7 @@ bench: run ## Benchmarks (not tests): figures into bench-results/, see docs/benc
 	$(PY) -m benchmarks.engines
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.semantics
+	$(PY) -m benchmarks.flow
 
 clean: ## Remove generated code and local state (stops everything first).
 	-$(MAKE) --no-print-directory stop

@@ -42,7 +42,7 @@ from libs.errors import ResourceExhausted
 from libs.kafka.topics import ensure_topics, weir_topics
 from libs.sdk import Client
 from services.gateway.admin import ensure_demo_functions
-from tests.flow import ThrottlingDownstream, most_at_once, split_across_owners
+from tests.flow import ThrottlingDownstream, most_at_once, split_across_owners, two_of_each
 from tests.helpers import unique
 from tests.suite import Suite
 
@@ -307,15 +307,7 @@ def main() -> None:
     os.environ.update(OPEN_ADMISSION)
     try:
         suite.start()
-        suite.launch("dispatcher_2", module="dispatcher")
-        suite.wait_serving("dispatcher_2")
-        both = f"{suite.address('dispatcher')},{suite.address('dispatcher_2')}"
-        suite.terminate("executor_manager")
-        suite.restart("executor_manager", WEIR_DISPATCHER_ADDRESSES=both)
-        suite.launch("executor_manager_2", module="executor_manager",
-                     WEIR_DISPATCHER_ADDRESSES=both)
-        suite.wait_serving("executor_manager_2")
-        time.sleep(15)  # the consumer group settles on both dispatchers
+        two_of_each(suite, session)
         if "limits" in PARTS:
             result["limits"] = limits(suite, session, store,
                                       int(os.environ.get("WEIR_BENCH_RATE_TASKS", "5000")))

@@ -1,5 +1,6 @@
-"""Shared by the flow-control tests and benchmark: a throttling downstream, a function
-spread over two dispatchers, and how many attempts were out at once."""
+"""Shared by the flow-control tests and benchmark: a suite of two dispatchers and two
+executors, a function spread over both dispatchers, how many attempts were out at once, and
+a throttling downstream."""
 
 from __future__ import annotations
 
@@ -11,6 +12,25 @@ from cassandra.cluster import Session
 
 from services.dispatcher.limits import TokenBucket
 from services.router.engine import shuffle_shard
+from tests.helpers import eventually
+from tests.suite import Suite
+
+
+def two_of_each(suite: Suite, cassandra: Session) -> None:
+    """Adds a second dispatcher and a second executor-manager (each executor working for
+    both dispatchers); returns once both dispatchers own partitions."""
+    suite.launch("dispatcher_2", module="dispatcher")
+    suite.wait_serving("dispatcher_2")
+    both = f"{suite.address('dispatcher')},{suite.address('dispatcher_2')}"
+    suite.terminate("executor_manager")
+    suite.restart("executor_manager", WEIR_DISPATCHER_ADDRESSES=both)
+    suite.launch("executor_manager_2", module="executor_manager",
+                 WEIR_DISPATCHER_ADDRESSES=both)
+    suite.wait_serving("executor_manager_2")
+    topic = f"{suite.config.topic_prefix}.tasks.normal"
+    eventually(lambda: len({row.owner for row in cassandra.execute(
+        "SELECT owner FROM partition_owners WHERE topic = %s", (topic,))}) == 2,
+        timeout=60, message="both dispatchers own partitions")
 
 
 def split_across_owners(cassandra: Session, tenant_id: str, topic: str, partitions: int,

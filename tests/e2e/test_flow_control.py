@@ -12,7 +12,7 @@ from weir.v1 import common_pb2, tasks_pb2
 from libs.cassandra.taskstate import TaskKey, TaskStateStore
 from libs.errors import NotFound, ResourceExhausted
 from libs.sdk import Client
-from tests.flow import ThrottlingDownstream, most_at_once, split_across_owners
+from tests.flow import ThrottlingDownstream, most_at_once, split_across_owners, two_of_each
 from tests.helpers import eventually
 from tests.suite import ROOT
 
@@ -65,18 +65,8 @@ def test_rate_and_concurrency_limits_hold_across_two_dispatchers_and_two_executo
     rate limit holds per second and its concurrency cap at every instant, for all together."""
     tenant_id, api_key = tenant
     topic = f"{suite.config.topic_prefix}.tasks.normal"
-    suite.launch("dispatcher_2", module="dispatcher")
-    suite.wait_serving("dispatcher_2")
-    both = f"{suite.address('dispatcher')},{suite.address('dispatcher_2')}"
-    suite.terminate("executor_manager")
-    suite.restart("executor_manager", WEIR_DISPATCHER_ADDRESSES=both)
-    suite.launch("executor_manager_2", module="executor_manager",
-                 WEIR_DISPATCHER_ADDRESSES=both)
-    suite.wait_serving("executor_manager_2")
     try:
-        eventually(lambda: len({row.owner for row in cassandra.execute(
-            "SELECT owner FROM partition_owners WHERE topic = %s", (topic,))}) == 2,
-            timeout=60, message="both dispatchers own partitions")
+        two_of_each(suite, cassandra)
         paced, capped = (split_across_owners(cassandra, tenant_id, topic,
                                              suite.config.task_partitions, prefix)
                          for prefix in ("paced", "capped"))
