@@ -60,6 +60,7 @@ PARTITION_LIMIT = 1000
 TIER_LIMIT = 5000
 SHARE_SECONDS = 0.25  # how often the limit shares are renewed at the router
 UNREAD_SECONDS = 1.0  # how often the unread records of owned partitions are counted
+PAUSE_CHECK_SECONDS = 0.02  # how often the piles are checked for pausing or resuming
 ROUTER_COMPLAINT_SECONDS = 10.0  # an unreachable router is logged at most this often
 MAX_BACKLOG_TENANTS = 10_000  # the largest backlogs reported; the router takes no more
 
@@ -725,6 +726,7 @@ class PartitionConsumer:
         self._unread = unread
         self._clock = clock
         self._unread_at = -UNREAD_SECONDS
+        self._checked_at = -PAUSE_CHECK_SECONDS
         self._adoption: Adoption | None = None
         self._consumer: Consumer | None = None
         self._commands: deque[Callable[[], None]] = deque()
@@ -756,6 +758,10 @@ class PartitionConsumer:
         while self._commands:
             self._commands.popleft()()
         assert self._consumer is not None
+        now = self._clock()
+        if now - self._checked_at < PAUSE_CHECK_SECONDS:
+            return  # polls come often; the piles they watch change slowly
+        self._checked_at = now
         ours = self._owner.owned()
         owned = {TopicPartition(t, p) for t, p in ours}
         pause = {TopicPartition(t, p) for t, p in backlogged(self._owner.waiting(), ours)}
