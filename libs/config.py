@@ -112,7 +112,7 @@ class WeirConfig:
         "too, so bulk work never starves.", check=lambda v: 0 <= v < 0.5,
         rule="0 <= share < 0.5")
     admission_backlog: int = setting(
-        4000, "Tasks waiting at the dispatchers (taken from Kafka, waiting for a slot) past "
+        4000, "Tasks waiting at the dispatchers (taken from Kafka, or still unread there) past "
         "which gateways refuse the tenants sending more than their fair share of recent "
         "submissions (RESOURCE_EXHAUSTED); for the whole cluster.", check=_positive,
         rule="> 0")

@@ -207,9 +207,6 @@ class Limiter:
             share.ended += 1
             share.throttled += throttled
 
-    def keys(self) -> list[LimitKey]:
-        return list(self._shares)
-
     def _share(self, key: LimitKey, limits: common_pb2.RateLimits) -> _Share:
         share = self._shares.get(key)
         if share is None:

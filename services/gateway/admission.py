@@ -1,8 +1,9 @@
 """Admission control: fair back-pressure at the gateway.
 
-When the dispatchers' backlog (tasks taken from Kafka and waiting for a slot, reported to the
-router) passes a threshold, submissions are refused RESOURCE_EXHAUSTED with RetryInfo and a
-QuotaFailure — aimed at the tenants causing it, not at everyone:
+When the dispatchers' backlog (tasks taken from Kafka and waiting for a slot, plus an estimate
+of those still unread there, reported to the router) passes a threshold, submissions are
+refused RESOURCE_EXHAUSTED with RetryInfo and a QuotaFailure — aimed at the tenants causing
+it, not at everyone:
 
 - a tenant with more than `WEIR_ADMISSION_TENANT_BACKLOG` tasks waiting is refused;
 - past `WEIR_ADMISSION_BACKLOG` waiting in all, a tenant sending more than its fair share of

@@ -1,5 +1,6 @@
 """The backlog across the dispatchers: tasks they took from Kafka and hold waiting for a slot,
-as each last reported it (with its limit shares, every 250 ms). Gateways admit by it."""
+and their estimate of those still unread there, as each last reported it (with its limit
+shares, every 250 ms). Gateways admit by it."""
 
 from __future__ import annotations
 

@@ -32,9 +32,7 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
 
     def GetRoute(self, request: router_pb2.GetRouteRequest,
                  context: grpc.ServicerContext) -> router_pb2.Route:
-        problems = {f: f"required; at most {MAX_NAME_CHARS} characters"
-                    for f in ("tenant_id", "function")
-                    if not 0 < len(getattr(request, f)) <= MAX_NAME_CHARS}
+        problems = _name_problems(request)
         if request.priority not in common_pb2.Priority.values():
             problems["priority"] = "unknown priority"
         if problems:
@@ -49,9 +47,7 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
 
     def GetAdaptiveRate(self, request: router_pb2.GetAdaptiveRateRequest,
                         context: grpc.ServicerContext) -> common_pb2.AdaptiveRateState:
-        problems = {f: f"required; at most {MAX_NAME_CHARS} characters"
-                    for f in ("tenant_id", "function")
-                    if not 0 < len(getattr(request, f)) <= MAX_NAME_CHARS}
+        problems = _name_problems(request)
         if problems:
             raise InvalidArgument(problems)
         view = self._allocator.adaptive((request.tenant_id, request.function))
@@ -107,6 +103,13 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
         return router_pb2.ShareLimitsResponse(lease=lease, shares=[router_pb2.LimitShare(
             tenant_id=g.key[0], function=g.key[1], rate=g.rate, burst=g.burst, slots=g.slots)
             for g in grants])
+
+
+def _name_problems(request: router_pb2.GetRouteRequest | router_pb2.GetAdaptiveRateRequest
+                   ) -> dict[str, str]:
+    return {f: f"required; at most {MAX_NAME_CHARS} characters"
+            for f in ("tenant_id", "function")
+            if not 0 < len(getattr(request, f)) <= MAX_NAME_CHARS}
 
 
 def adaptive_of(settings: common_pb2.AdaptiveRate) -> Adaptive | None:

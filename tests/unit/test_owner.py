@@ -37,14 +37,19 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def owner(clock: Clock) -> Owner:
-    owner = Owner(lease=timedelta(seconds=30), dispatcher_id="d1", clock=clock)
+def owning(clock: Clock, **options) -> Owner:
+    """An owner holding PARTITION, adopted; ``options`` go to `Owner`."""
+    owner = Owner(lease=timedelta(seconds=30), dispatcher_id="d1", clock=clock, **options)
     now = int(datetime.now(UTC).timestamp() * 1e6)
     owner.own(Ownership(*PARTITION, epoch=2, range_start=now, range_end=now + 60_000_000,
                         timer_minute=None), replay_below=0)
     owner.adopted(PARTITION)
     return owner
+
+
+@pytest.fixture
+def owner(clock: Clock) -> Owner:
+    return owning(clock)
 
 
 def message(task_id: str, **fields) -> records_pb2.TaskMessage:
@@ -240,12 +245,7 @@ def test_a_task_waiting_for_a_slot_when_its_function_is_paused_is_parked_not_sen
     paused.CopyFrom(ECHO)
     paused.state = functions_pb2.FunctionState.FUNCTION_STATE_PAUSED
     now = {"echo": ECHO}
-    owner = Owner(lease=timedelta(seconds=30), dispatcher_id="d1", clock=clock,
-                  functions=lambda tenant, name, default: now.get(name, default))
-    start = int(datetime.now(UTC).timestamp() * 1e6)
-    owner.own(Ownership(*PARTITION, epoch=2, range_start=start, range_end=start + 60_000_000,
-                        timer_minute=None), replay_below=0)
-    owner.adopted(PARTITION)
+    owner = owning(clock, functions=lambda tenant, name, default: now.get(name, default))
     owner.take(PARTITION, message("a"), ECHO, Acks().record())  # waits: no credit yet
     now["echo"] = paused
     connect(owner, credits=5)
@@ -487,12 +487,8 @@ def test_assignments_of_large_payloads_are_spread_over_several_messages(owner):
 
 def test_a_tenants_limit_holds_over_all_its_functions(clock):
     tenant_cap = common_pb2.RateLimits(max_concurrent_dispatches=1)
-    owner = Owner(lease=timedelta(seconds=30), dispatcher_id="d1", clock=clock,
-                  tenant_limits=lambda tenant_id: tenant_cap if tenant_id == "t1" else None)
-    now = int(datetime.now(UTC).timestamp() * 1e6)
-    owner.own(Ownership(*PARTITION, epoch=2, range_start=now, range_end=now + 60_000_000,
-                        timer_minute=None), replay_below=0)
-    owner.adopted(PARTITION)
+    owner = owning(clock, tenant_limits=lambda tenant_id: tenant_cap if tenant_id == "t1"
+                   else None)
     echo2 = functions_pb2.Function(name="echo2", handler="examples.demo:echo",
                                    state=functions_pb2.FunctionState.FUNCTION_STATE_ACTIVE)
     owner.take(PARTITION, message("a"), ECHO, Acks().record())
