@@ -104,6 +104,10 @@ class WeirConfig:
         30.0, "How long a dispatch lease lasts unless renewed (dispatchers tell their "
         "executors); a dead executor's attempts are retried about this long after its last "
         "renewal.", check=_positive, rule="> 0")
+    executor_high_reserve: float = setting(
+        0.1, "Share of an executor-manager's slots kept free for HIGH tasks (rounded down): "
+        "NORMAL and LOW attempts never take them, so HIGH work starts at once even behind a "
+        "backlog of the others.", check=lambda v: 0 <= v < 1, rule="0 <= share < 1")
     normal_min_share: float = setting(
         0.2, "Least share of a dispatcher's dispatches NORMAL tasks get while HIGH ones wait "
         "too (HIGH takes the rest).", check=lambda v: 0 <= v < 0.5, rule="0 <= share < 0.5")

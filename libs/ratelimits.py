@@ -22,6 +22,14 @@ def rate_limit_violations(limits: common_pb2.RateLimits, *, at: str,
     for name in ("max_burst_size", "max_concurrent_dispatches"):
         if not 0 <= getattr(limits, name) <= MAX_COUNT_LIMIT:
             problems[f"{at}.{name}"] = f"between 0 (no limit) and {MAX_COUNT_LIMIT:,}"
+    quotas = {"high_reserved_fraction": "between 0 (none kept) and 1, exclusive",
+              "low_max_fraction": "between 0 (no cap) and 1"}
+    for name, rule in quotas.items():
+        value = getattr(limits, name)
+        if not _number_within(value, 0, 1) or (name == "high_reserved_fraction" and value == 1):
+            problems[f"{at}.{name}"] = rule
+        elif value and not limits.max_concurrent_dispatches:
+            problems[f"{at}.{name}"] = "needs max_concurrent_dispatches: a share of its slots"
     if limits.adaptive.enabled and not adaptive:
         problems[f"{at}.adaptive"] = "an adaptive rate is a function's, not a tenant's"
     elif limits.adaptive.enabled and not rate > 0:

@@ -81,6 +81,29 @@ class TokenBucket:
 
 LimitKey = tuple[str, str]  # (tenant_id, function)
 PACE_SECONDS = 0.25
+# The keys of a limit's quotas by tier: its own key's function (empty for a tenant's) with a
+# suffix no function name has ('#'), so they are shared by the router like any other limit.
+BELOW_HIGH, LOW_ONLY = "#below-high", "#low"
+
+
+def tier_quotas(key: LimitKey, limits: common_pb2.RateLimits, priority: int
+                ) -> list[tuple[LimitKey, common_pb2.RateLimits]]:
+    """The caps a task of ``priority`` also goes out within, from the quotas by priority of
+    a concurrency cap: NORMAL and LOW together below ``1 - high_reserved_fraction`` of it,
+    LOW alone below ``low_max_fraction`` (rounded down, at least one slot each)."""
+    cap = limits.max_concurrent_dispatches
+    if not cap or priority == common_pb2.Priority.PRIORITY_HIGH:
+        return []
+    quotas = []
+    if limits.high_reserved_fraction:
+        slots = max(1, int(cap * (1 - limits.high_reserved_fraction) + EPSILON))
+        quotas.append(((key[0], key[1] + BELOW_HIGH),
+                       common_pb2.RateLimits(max_concurrent_dispatches=slots)))
+    if limits.low_max_fraction and priority == common_pb2.Priority.PRIORITY_LOW:
+        slots = max(1, int(cap * limits.low_max_fraction + EPSILON))
+        quotas.append(((key[0], key[1] + LOW_ONLY),
+                       common_pb2.RateLimits(max_concurrent_dispatches=slots)))
+    return quotas
 
 
 @dataclass
@@ -95,6 +118,7 @@ class _Share:
     idle_told: bool = False  # the router heard that nothing waits for this rate share
     ended: int = 0  # attempts ended since the last report (an adaptive rate's evidence)
     throttled: int = 0  # of which THROTTLED
+    asked: bool = False  # a task was checked against it since the last report
 
 
 class Limiter:
@@ -124,8 +148,11 @@ class Limiter:
         its attempts out): None if so, and a token of each is taken; else the key that holds
         it back (nothing is taken)."""
         now = self._clock()
-        for key, rate_limits, out in limits:
-            share = self._share(key, rate_limits)
+        # Every key is known before any holds the task back: the router hears of all at once.
+        shares = [self._share(key, rate_limits) for key, rate_limits, _ in limits]
+        for share in shares:
+            share.asked = True
+        for (key, rate_limits, out), share in zip(limits, shares, strict=True):
             if share.expires <= now:
                 return key
             if rate_limits.max_concurrent_dispatches and out >= share.slots:
@@ -166,10 +193,13 @@ class Limiter:
             demand = router_pb2.LimitDemand(
                 tenant_id=key[0], function=key[1], limits=share.limits,
                 # Its backlog plus its pace (per second), so a share in use is kept.
-                waiting=waiting(key) + math.ceil(share.dispatched / elapsed), out=out(key),
+                # A task held back by another of its keys waits for this one too: at least 1.
+                waiting=max(waiting(key), int(share.asked))
+                + math.ceil(share.dispatched / elapsed), out=out(key),
                 held_rate=held_rate, held_slots=held_slots, ended=share.ended,
                 throttled=share.throttled)
             share.dispatched = share.ended = share.throttled = 0
+            share.asked = False
             if not (demand.waiting or demand.out or held_rate or held_slots or demand.ended):
                 del self._shares[key]
                 continue

@@ -41,7 +41,7 @@ from libs.cassandra.taskstate import (
 )
 from libs.kafka.acks import Countdown
 from libs.retry import RetryPolicy, decide
-from services.dispatcher.limits import Limiter, LimitKey
+from services.dispatcher.limits import Limiter, LimitKey, tier_quotas
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,12 @@ HELD = frozenset({functions_pb2.FunctionState.FUNCTION_STATE_PAUSED,
 WAITING = frozenset({State.TASK_STATE_ACCEPTED, State.TASK_STATE_QUEUED,
                      State.TASK_STATE_SCHEDULED, State.TASK_STATE_RETRY_WAIT})
 OUT = frozenset({State.TASK_STATE_DISPATCHED, State.TASK_STATE_RUNNING})
-TIERS = (common_pb2.Priority.PRIORITY_HIGH, common_pb2.Priority.PRIORITY_NORMAL,
+HIGH = common_pb2.Priority.PRIORITY_HIGH
+TIERS: tuple[int, ...] = (common_pb2.Priority.PRIORITY_HIGH, common_pb2.Priority.PRIORITY_NORMAL,
          common_pb2.Priority.PRIORITY_LOW)
 # Each lower tier's minimum share of the dispatches while a higher tier waits too.
-DEFAULT_SHARES = {common_pb2.Priority.PRIORITY_NORMAL: 0.2, common_pb2.Priority.PRIORITY_LOW: 0.1}
+DEFAULT_SHARES: dict[int, float] = {common_pb2.Priority.PRIORITY_NORMAL: 0.2,
+                                    common_pb2.Priority.PRIORITY_LOW: 0.1}
 DEFAULT_TIMEOUT = timedelta(seconds=60)
 SERVICE = "dispatcher"
 # An attempt is written once it has been out this long, or when it ends if sooner: a short
@@ -121,6 +123,7 @@ class Held:
     outcome: records_pb2.AttemptOutcome | None = None
     reports: list[tuple[Stream, str]] = field(default_factory=list)  # to confirm once stored
     earlier: list[tasks_pb2.Attempt] = field(default_factory=list)  # stored attempts
+    out_keys: list[LimitKey] = field(default_factory=list)  # counted out under these
 
     @property
     def payload(self) -> bytes:
@@ -134,6 +137,7 @@ class Stream:
     executor_id: str
     wake: Callable[[], object]  # its result is ignored
     credits: int = 0
+    below_high: int | None = None  # of the credits, what NORMAL and LOW may use (None: all)
     draining: bool = False
     assignments: list[dispatcher_pb2.Assignment] = field(default_factory=list)
     cancel: list[str] = field(default_factory=list)
@@ -211,10 +215,10 @@ class ReadyQueue:
     def __init__(self, shares: Mapping[int, float] | None = None) -> None:
         self._tiers: dict[int, OrderedDict[PartitionId, deque[Held]]] = {
             t: OrderedDict() for t in TIERS}
-        self._shares = dict(DEFAULT_SHARES if shares is None else shares)
+        self._shares: dict[int, float] = dict(DEFAULT_SHARES if shares is None else shares)
         if sum(self._shares.values()) >= 1:
             raise ValueError(f"the lower tiers' shares add up to 1 or more: {self._shares}")
-        self._owed = {t: 0.0 for t in TIERS}
+        self._owed: dict[int, float] = {t: 0.0 for t in TIERS}
         self._aside: dict[LimitKey, deque[Held]] = {}
         self._waiting: Counter[PartitionId] = Counter()
         self._tenants: Counter[str] = Counter()  # waiting, by tenant: the backlog reported
@@ -233,8 +237,10 @@ class ReadyQueue:
         self._tiers[tier].setdefault(held.partition, deque()).append(held)
         self._count += 1
 
-    def pop(self) -> Held | None:
-        tier = self._next_tier()
+    def pop(self, *, below_high: bool = True) -> Held | None:
+        """The next task to go, by tier and then partition; ``below_high=False``: HIGH only
+        (the executors have room for HIGH work alone)."""
+        tier = self._next_tier(TIERS if below_high else TIERS[:1])
         if tier is None:
             return None
         queues = self._tiers[tier]
@@ -249,10 +255,10 @@ class ReadyQueue:
             del queues[partition]
         return None
 
-    def _next_tier(self) -> int | None:
+    def _next_tier(self, allowed: tuple[int, ...]) -> int | None:
         """The highest waiting tier, unless a lower waiting tier has earned its turn."""
-        waiting = [t for t in TIERS if any(self._tiers[t].values())]
-        for tier in TIERS:
+        waiting = [t for t in allowed if any(self._tiers[t].values())]
+        for tier in allowed:
             if tier not in waiting:
                 self._owed[tier] = 0.0  # no banking a share while idle
         if not waiting:
@@ -754,6 +760,8 @@ class Owner:
                 stream.credits = 0
             else:
                 stream.credits += max(0, request.credits)
+                if request.HasField("below_high_credits"):
+                    stream.below_high = max(0, request.below_high_credits)
             for report in request.reports:
                 self._report(stream, report)
             for attempt_id in request.renew:
@@ -927,10 +935,16 @@ class Owner:
             streams = [s for s in self._streams.values() if s.credits > 0 and not s.draining]
             if not streams:
                 return
-            stream = max(streams, key=lambda s: s.credits)
-            held = self._ready.pop()
+            # NORMAL and LOW go only where the executor has room beyond its HIGH reserve.
+            lower = [s for s in streams if s.below_high is None or s.below_high > 0]
+            held = self._ready.pop(below_high=bool(lower))
             if held is None:
                 return
+            if held.message.priority == HIGH:
+                stream = max(streams, key=lambda s: s.credits)
+            else:
+                stream = max(lower, key=lambda s: s.credits if s.below_high is None
+                             else s.below_high)
             if self._held.get(held.key) is not held or held.state in FINAL_STATES:
                 continue  # cancelled or expired while it waited
             if self._function_now is not None:
@@ -947,17 +961,22 @@ class Owner:
             self._dispatch(held, stream)
 
     def _limits_of(self, held: Held) -> list[tuple[LimitKey, common_pb2.RateLimits]]:
-        """The limits a task goes out within: its function's and its tenant's, where set."""
+        """The limits a task goes out within: its function's and its tenant's, where set,
+        and their quotas for the task's tier."""
         tenant = self._tenant_limits(held.key.tenant_id)
         both = [((held.key.tenant_id, held.message.function),
                  held.function.rate_limits if held.function else None),
                 ((held.key.tenant_id, ""), tenant)]
-        return [(key, limits) for key, limits in both
-                if limits is not None and Limiter.applies(limits)]
+        limited = [(key, limits) for key, limits in both
+                   if limits is not None and Limiter.applies(limits)]
+        return limited + [quota for key, limits in limited
+                          for quota in tier_quotas(key, limits, held.message.priority)]
 
     def _send_out(self, attempt_id: str, held: Held) -> None:
         self._attempts[attempt_id] = held
-        for key in ((held.key.tenant_id, held.message.function), (held.key.tenant_id, "")):
+        own = [(held.key.tenant_id, held.message.function), (held.key.tenant_id, "")]
+        held.out_keys = own + [key for key, _ in self._limits_of(held) if key not in own]
+        for key in held.out_keys:
             self._out[key] = self._out.get(key, 0) + 1
 
     def _bring_back(self, attempt_id: str) -> None:
@@ -965,7 +984,7 @@ class Owner:
         held = self._attempts.pop(attempt_id, None)
         if held is None:
             return
-        for key in ((held.key.tenant_id, held.message.function), (held.key.tenant_id, "")):
+        for key in held.out_keys:
             left = self._out.get(key, 1) - 1
             if left > 0:
                 self._out[key] = left
@@ -1010,6 +1029,9 @@ class Owner:
             task=task, handler=function.handler if function else "", timeout=timeout,
             worker_concurrency=max(1, function.worker_concurrency if function else 1)))
         stream.credits -= 1
+        if stream.below_high is not None:
+            lower = held.message.priority != HIGH
+            stream.below_high = min(stream.credits, max(0, stream.below_high - lower))
         stream.wake()
 
     # --- changes and flushing --------------------------------------------------------------

@@ -11,6 +11,12 @@ from services.executor_manager.pool import WorkerPool, WorkerSandbox
 from services.executor_manager.server import create_server
 
 
+def high_reserve(config: WeirConfig) -> int:
+    """The slots kept for HIGH work: a share of them all, leaving at least one for the rest."""
+    capacity = config.worker_processes * config.worker_slots
+    return min(capacity - 1, int(capacity * config.executor_high_reserve + 1e-9))
+
+
 def start(config: WeirConfig) -> service.Started:
     credentials = tls.Credentials.of(config, "executor-manager")
     lease = timedelta(seconds=config.lease_seconds)
@@ -19,7 +25,8 @@ def start(config: WeirConfig) -> service.Started:
                       socket_dir=Path(tempfile.mkdtemp(prefix="weir-workers-")),
                       sandbox=WorkerSandbox.of(config),
                       on_start=lambda attempt_id, at: executor_box[0].started(attempt_id, at),
-                      on_done=lambda results: executor_box[0].done(results))
+                      on_done=lambda results: executor_box[0].done(results),
+                      high_reserve=high_reserve(config))
     executor = Executor(executor_id="", pool=pool, lease=lease)
     executor_box.append(executor)
     pool.start()

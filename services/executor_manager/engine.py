@@ -26,6 +26,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 from weir.internal.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from weir.internal.executor_manager.v1 import executor_manager_pb2
+from weir.v1 import common_pb2
 
 from libs.batching import BATCH_BYTES, chunks_by_size
 from libs.cassandra.taskstate import timestamp_of
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 SEND_SECONDS = 0.002  # reports and credits wait at most this long to travel together
 RESEND_SECONDS = 2.0  # an end report not confirmed stored by then is sent again
 PartitionId = tuple[str, int]
+HIGH = common_pb2.Priority.PRIORITY_HIGH
 
 
 @dataclass
@@ -59,6 +61,7 @@ class DispatcherLink:
     connected: bool = False
     disconnected_at: float = field(default_factory=time.monotonic)
     outstanding: int = 0  # credits granted and not yet used
+    below_high: int | None = None  # of those, what NORMAL and LOW may use, as last told
     owned: dict[PartitionId, int] = field(default_factory=dict)  # partition -> its epoch
     _outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _stopping: threading.Event = field(default_factory=threading.Event)
@@ -87,6 +90,7 @@ class DispatcherLink:
         while not self._stopping.is_set():
             self._outbox = queue.SimpleQueue()
             self.outstanding = 0
+            self.below_high = None
             try:
                 # Waits for a dispatcher that is starting instead of failing at once.
                 responses = self.stub.Work(self._requests(), wait_for_ready=True)
@@ -194,6 +198,9 @@ class Executor:
         specs = []
         with self._lock:
             link.outstanding = max(0, link.outstanding - len(response.assignments))
+            if link.below_high is not None:  # as the dispatcher counts it down
+                lower = sum(a.task.priority != HIGH for a in response.assignments)
+                link.below_high = min(link.outstanding, max(0, link.below_high - lower))
             for assignment in response.assignments:
                 self._running[assignment.attempt_id] = Running(
                     assignment.attempt_id, (assignment.topic, assignment.partition), link)
@@ -304,6 +311,12 @@ class Executor:
                 if top_up > 0:
                     link.outstanding += top_up
                     request_for(link).credits = top_up
+                # The slots kept for HIGH are never granted to NORMAL and LOW work, so it
+                # waits at the dispatchers, where a HIGH task arriving later can pass it.
+                below_high = min(link.outstanding, max(0, free - self._pool.high_reserve))
+                if below_high != link.below_high or id(link) in requests:
+                    link.below_high = below_high
+                    request_for(link).below_high_credits = below_high
         for link in self._links:
             request = requests.get(id(link))
             if request is None or not link.connected:
@@ -363,4 +376,4 @@ def _spec_of(assignment: dispatcher_pb2.Assignment) -> AttemptSpec:
         function=task.function, handler=assignment.handler, payload=task.payload,
         attempt_number=task.attempt_number, timeout=assignment.timeout.ToTimedelta(),
         concurrency=max(1, assignment.worker_concurrency), labels=dict(task.labels),
-        trace_context=dict(task.trace_context))
+        priority=task.priority, trace_context=dict(task.trace_context))

@@ -384,6 +384,7 @@ class WorkerProcess:
 
 
 Exit = tasks_pb2.ExitReason
+HIGH = common_pb2.Priority.PRIORITY_HIGH
 ErrorClass = common_pb2.ErrorClass
 
 
@@ -401,6 +402,7 @@ class AttemptSpec:
     timeout: timedelta  # from its start; past it its worker is killed: TIMED_OUT
     concurrency: int = 1  # attempts of this function (tenant_id, function) one worker runs
     labels: Mapping[str, str] = field(default_factory=dict)
+    priority: int = common_pb2.Priority.PRIORITY_NORMAL  # HIGH goes first, into any slot
     trace_context: Mapping[str, str] = field(default_factory=dict)  # traceparent, tracestate
 
 
@@ -527,30 +529,44 @@ def stopped_result(spec: AttemptSpec, start_time: datetime | None, *, exit_reaso
                          error_class=error_class, exit_reason=exit_reason)
 
 
+def tier_rank(priority: int) -> int:
+    """0 for HIGH, 1 for NORMAL (or unset), 2 for LOW: the order attempts are placed in."""
+    return 0 if priority == HIGH else 2 if priority == common_pb2.Priority.PRIORITY_LOW else 1
+
+
 def place(waiting: collections.deque[Held], links: Sequence[Link | None], *, slots: int,
-          now: float) -> dict[Link, list[Held]]:
-    """Assigns waiting attempts to live workers, in order, and takes them off ``waiting``.
+          now: float, high_reserve: int = 0) -> dict[Link, list[Held]]:
+    """Assigns waiting attempts to live workers, HIGH first, then NORMAL, then LOW, each tier
+    in order, and takes them off ``waiting`` (left in that order).
 
     Each goes to the least busy live worker with a free slot that runs fewer than its
     ``concurrency`` attempts of its function; one that no worker may take stays, in its
-    place, and later ones may pass it.
+    place, and later ones may pass it. NORMAL and LOW attempts never take the last
+    ``high_reserve`` free slots: those wait for HIGH ones.
 
     Args:
         waiting: the queue, oldest first; what is placed is removed.
         links: the workers (None: a slot whose process is starting).
         slots: attempts a worker runs at once.
         now: monotonic time; an attempt's deadline counts from it until its start is known.
+        high_reserve: free slots kept for HIGH attempts.
 
     Returns:
         The attempts to send to each worker, in order.
     """
     free = [link for link in links if link is not None
             and link.state is LinkState.LIVE and len(link.held) < slots]
+    spare = sum(slots - len(link.held) for link in free)
+    queue = collections.deque(sorted(waiting, key=lambda h: tier_rank(h.spec.priority)))
+    waiting.clear()
     skipped: list[Held] = []
     blocked: set[tuple[str, str]] = set()  # functions no free worker may take more of
     batches: dict[Link, list[Held]] = {}
-    while waiting and free:
-        held = waiting.popleft()
+    while queue and free:
+        held = queue.popleft()
+        if held.spec.priority != HIGH and spare <= high_reserve:
+            queue.appendleft(held)  # this one and every later one is below HIGH
+            break
         key = held.key
         link = None if key in blocked else least_busy(free, key, held.spec.concurrency)
         if link is None:
@@ -562,9 +578,11 @@ def place(waiting: collections.deque[Held], links: Sequence[Link | None], *, slo
         link.held[held.spec.attempt_id] = held
         link.per_function[key] = link.per_function.get(key, 0) + 1
         batches.setdefault(link, []).append(held)
+        spare -= 1
         if len(link.held) >= slots:
             free.remove(link)
-    waiting.extendleft(reversed(skipped))
+    waiting.extend(skipped)  # they came before what is left in the queue
+    waiting.extend(queue)
     return batches
 
 
@@ -579,9 +597,11 @@ class WorkerPool:
 
     `submit` places each attempt on a live worker with a free slot that runs fewer than its
     ``concurrency`` attempts of its function, the least busy first; the others wait in a
-    queue, in order (an attempt held back by its function's concurrency lets later ones
-    pass). Every submitted attempt is reported exactly once through ``on_done`` (unless the
-    pool is closed first), after ``on_start`` if it started. Both are called on the pool's
+    queue, HIGH ahead of NORMAL ahead of LOW and in order within a tier (an attempt held back
+    by its function's concurrency lets later ones pass). NORMAL and LOW attempts leave the
+    last ``high_reserve`` free slots to HIGH ones. Every submitted attempt is reported
+    exactly once through ``on_done`` (unless the pool is closed first), after ``on_start``
+    if it started. Both are called on the pool's
     notifier thread, in order, never under the pool's lock: they may call `submit`,
     `cancel` and the rest, but must not block for long (the next reports wait).
 
@@ -594,7 +614,8 @@ class WorkerPool:
     def __init__(self, *, size: int, slots: int, socket_dir: Path, sandbox: WorkerSandbox,
                  on_done: Callable[[Sequence[AttemptResult]], None],
                  on_start: Callable[[str, datetime], None] | None = None,
-                 start_timeout: timedelta = timedelta(seconds=60)) -> None:
+                 start_timeout: timedelta = timedelta(seconds=60), high_reserve: int = 0
+                 ) -> None:
         """Prepares the pool; `start` starts its processes.
 
         Args:
@@ -605,6 +626,7 @@ class WorkerPool:
             on_done: called with the results of attempts that ended, in batches.
             on_start: called with an attempt's ID and start time when its worker reports it.
             start_timeout: how long a process may take to serve.
+            high_reserve: free slots only HIGH attempts take (NORMAL and LOW wait instead).
 
         Raises:
             ValueError: no worker or no slot.
@@ -612,6 +634,9 @@ class WorkerPool:
         """
         if size < 1 or slots < 1:
             raise ValueError("a pool needs at least one worker of at least one slot")
+        if not 0 <= high_reserve < size * slots:
+            raise ValueError("the slots kept for HIGH must leave at least one for the others")
+        self.high_reserve = high_reserve
         sandbox.prepare(socket_dir)
         self._sandbox = sandbox
         self._slots = slots
@@ -794,7 +819,8 @@ class WorkerPool:
         """Sends waiting attempts to workers that may take them (under the lock)."""
         if not self._waiting:
             return
-        batches = place(self._waiting, self._links, slots=self._slots, now=time.monotonic())
+        batches = place(self._waiting, self._links, slots=self._slots, now=time.monotonic(),
+                        high_reserve=self.high_reserve)
         earliest = self._watch_until
         for link, batch in batches.items():
             link.sending.put(batch)

@@ -90,6 +90,10 @@ def main() -> None:
     limits.add_argument("--max-dispatches-per-second", type=float, default=0.0)
     limits.add_argument("--max-burst-size", type=int, default=0)
     limits.add_argument("--max-concurrent-dispatches", type=int, default=0)
+    limits.add_argument("--high-reserved-fraction", type=float, default=0.0,
+                        help="share of the concurrency cap kept for HIGH tasks")
+    limits.add_argument("--low-max-fraction", type=float, default=0.0,
+                        help="share of the concurrency cap LOW tasks hold at most")
     args = parser.parse_args()
     if not TENANT_ID.fullmatch(args.tenant_id):
         parser.error(f"tenant ID {args.tenant_id!r}: 1 to 63 characters of [a-z0-9_-]")
@@ -99,7 +103,9 @@ def main() -> None:
             set_tenant_limits(TenantStore(session), args.tenant_id, common_pb2.RateLimits(
                 max_dispatches_per_second=args.max_dispatches_per_second,
                 max_burst_size=args.max_burst_size,
-                max_concurrent_dispatches=args.max_concurrent_dispatches))
+                max_concurrent_dispatches=args.max_concurrent_dispatches,
+                high_reserved_fraction=args.high_reserved_fraction,
+                low_max_fraction=args.low_max_fraction))
         except ValueError as exc:
             parser.error(str(exc))
         finally:

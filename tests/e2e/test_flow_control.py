@@ -205,3 +205,67 @@ def test_a_backlogged_tenant_is_refused_at_the_gateway_while_another_is_admitted
             a.batch_cancel_tasks('function = "slow"')
     finally:
         suite.terminate("gateway_admission")
+
+
+def test_an_executor_keeps_slots_for_high_work_that_normal_and_low_never_take(
+        suite, cassandra, tenant):
+    """One executor of 4 slots keeps 1 for HIGH: a LOW backlog runs at most 3 at once, and
+    HIGH tasks submitted behind it start while LOW work still waits, not after it."""
+    tenant_id, api_key = tenant
+    store = TaskStateStore(cassandra)
+    try:
+        suite.terminate("executor_manager")
+        suite.restart("executor_manager", WEIR_WORKER_PROCESSES="1", WEIR_WORKER_SLOTS="4",
+                      WEIR_EXECUTOR_HIGH_RESERVE="0.25")
+        with suite.client(api_key) as client:
+            low = [r.task.task_id for r in client.create_tasks(
+                {"function": "sleep", "payload": b"200", "priority": LOW} for _ in range(30))]
+            eventually(lambda: any(s and s.attempts() and s.attempts()[0].HasField(
+                "start_time") for s in store.get_many(TaskKey(tenant_id, i) for i in low)),
+                timeout=60, message="LOW work runs")
+            high = [r.task.task_id for r in client.create_tasks(
+                {"function": "sleep", "payload": b"200", "priority": HIGH} for _ in range(3))]
+        stored = finished(store, tenant_id, low + high, timeout=120)
+    finally:
+        suite.terminate("executor_manager")
+        suite.restart("executor_manager")
+
+    by_id = {s.key.task_id: s for s in stored}
+    running = [(a.start_time.ToNanoseconds(), a.end_time.ToNanoseconds())
+               for i in low for a in by_id[i].attempts()]
+    assert most_at_once(running) == 3  # never the 4th, kept slot
+    last_low_start = max(start for start, _ in running)
+    high_starts = [a.start_time.ToNanoseconds() for i in high for a in by_id[i].attempts()]
+    assert all(start < last_low_start for start in high_starts)  # they passed the backlog
+
+
+def test_a_tenants_quotas_by_priority_keep_room_for_high_and_cap_low(suite, cassandra, tenant):
+    """The operator caps a tenant at 4 attempts at once, 1/4 kept for HIGH and LOW at most
+    half: LOW never holds more than 2, NORMAL and LOW never more than 3, all never more
+    than 4; the tenant reads the quotas through the API."""
+    tenant_id, api_key = tenant
+    refused = admin(suite, "set-tenant-limits", tenant_id, "--low-max-fraction", "0.5")
+    assert refused.returncode == 2 and "needs max_concurrent_dispatches" in refused.stderr
+    refused = admin(suite, "set-tenant-limits", tenant_id, "--max-concurrent-dispatches", "4",
+                    "--high-reserved-fraction", "1")
+    assert refused.returncode == 2 and "high_reserved_fraction" in refused.stderr
+    done = admin(suite, "set-tenant-limits", tenant_id, "--max-concurrent-dispatches", "4",
+                 "--high-reserved-fraction", "0.25", "--low-max-fraction", "0.5")
+    assert done.returncode == 0, done.stderr
+
+    with suite.client(api_key) as client:
+        limits = client.get_tenant().rate_limits
+        assert (limits.high_reserved_fraction, limits.low_max_fraction) == (0.25, 0.5)
+        tiers = [LOW, common_pb2.Priority.PRIORITY_NORMAL] * 15 + [HIGH] * 6
+        ids = [r.task.task_id for r in client.create_tasks(
+            {"function": "sleep", "payload": b"100", "priority": tier} for tier in tiers)]
+    stored = {s.key.task_id: s for s in finished(TaskStateStore(cassandra), tenant_id, ids,
+                                                 timeout=120)}
+
+    def at_once(wanted: set[int]) -> int:
+        return most_at_once([(a.dispatch_time.ToNanoseconds(), a.end_time.ToNanoseconds())
+                             for i, tier in zip(ids, tiers, strict=True) if tier in wanted
+                             for a in stored[i].attempts()])
+    assert at_once({LOW}) == 2
+    assert at_once({LOW, common_pb2.Priority.PRIORITY_NORMAL}) == 3
+    assert at_once({LOW, common_pb2.Priority.PRIORITY_NORMAL, HIGH}) <= 4

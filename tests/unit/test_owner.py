@@ -503,3 +503,46 @@ def test_a_tenants_limit_holds_over_all_its_functions(clock):
     report(owner, first)
     [second] = assignments(owner)
     assert {first.task.function, second.task.function} == {"echo", "echo2"}
+
+
+def test_normal_and_low_use_only_the_credits_beyond_an_executors_high_reserve(owner):
+    """The executor grants 3 credits, 1 of them for HIGH only: two NORMAL go, the third
+    waits, and a HIGH task arriving later takes the kept credit at once."""
+    for n in range(3):
+        owner.take(PARTITION, message(f"n{n}"), ECHO, Acks().record())
+    owner.connect(1, "em-1", lambda: None)
+    owner.work(1, dispatcher_pb2.WorkRequest(executor_id="em-1", credits=3,
+                                             below_high_credits=2))
+    assert [a.task.task_id for a in assignments(owner)] == ["n0", "n1"]
+    owner.take(PARTITION, message("urgent", priority=common_pb2.Priority.PRIORITY_HIGH),
+               ECHO, Acks().record())
+    assert [a.task.task_id for a in assignments(owner)] == ["urgent"]
+    owner.work(1, dispatcher_pb2.WorkRequest(credits=1, below_high_credits=1))
+    assert [a.task.task_id for a in assignments(owner)] == ["n2"]
+
+
+def test_a_tenants_quotas_by_priority_cap_low_and_keep_room_for_high(clock):
+    """Tenant cap 4, HIGH reserve 0.25, LOW at most 0.5: LOW holds 2, NORMAL and LOW 3,
+    and HIGH the last; each quota is a limit of its own, shared by the router."""
+    quotas = common_pb2.RateLimits(max_concurrent_dispatches=4, high_reserved_fraction=0.25,
+                                   low_max_fraction=0.5)
+    owner = owning(clock, tenant_limits=lambda tenant_id: quotas)
+    for n in range(3):
+        owner.take(PARTITION, message(f"low{n}", priority=common_pb2.Priority.PRIORITY_LOW),
+                   ECHO, Acks().record())
+    for n in range(2):
+        owner.take(PARTITION, message(f"normal{n}"), ECHO, Acks().record())
+    connect(owner, credits=10)
+    owner.share_limits([router_pb2.LimitShare(tenant_id="t1", function="", slots=4)],
+                       lease=2.0)
+    demands = {d.function: d for d in owner.limit_demands()}
+    assert set(demands) == {"", "#below-high", "#low"}
+    assert demands["#low"].limits.max_concurrent_dispatches == 2
+    assert demands["#below-high"].limits.max_concurrent_dispatches == 3
+    owner.share_limits([router_pb2.LimitShare(tenant_id="t1", function=f, slots=s)
+                        for f, s in (("", 4), ("#below-high", 3), ("#low", 2))], lease=2.0)
+    out = [a.task.task_id for a in assignments(owner)]
+    assert len(out) == 3 and sum(t.startswith("low") for t in out) <= 2
+    owner.take(PARTITION, message("urgent", priority=common_pb2.Priority.PRIORITY_HIGH),
+               ECHO, Acks().record())
+    assert [a.task.task_id for a in assignments(owner)] == ["urgent"]

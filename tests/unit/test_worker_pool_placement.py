@@ -36,11 +36,11 @@ def links(count: int) -> list[Link]:
 
 
 def held(number: int, *, function: str = "f", concurrency: int = 8,
-         timeout: float = 60) -> Held:
+         timeout: float = 60, priority: int = common_pb2.Priority.PRIORITY_NORMAL) -> Held:
     return Held(AttemptSpec(attempt_id=f"a{number}", tenant_id="t", task_id=f"task{number}",
                             function=function, handler="examples.demo:echo", payload=b"",
                             attempt_number=1, timeout=timedelta(seconds=timeout),
-                            concurrency=concurrency))
+                            concurrency=concurrency, priority=priority))
 
 
 def queue_of(*attempts: Held) -> collections.deque[Held]:
@@ -169,3 +169,29 @@ def test_an_attempt_the_pool_ended_gets_the_status_and_class_of_its_exit_reason(
                                                              "the worker process died")
     assert crashed.error_class == ErrorClass.ERROR_CLASS_RETRYABLE
     assert crashed.end_time == now
+
+
+HIGH, LOW = common_pb2.Priority.PRIORITY_HIGH, common_pb2.Priority.PRIORITY_LOW
+
+
+def test_high_is_placed_first_and_lower_tiers_never_take_the_slots_kept_for_it():
+    workers = links(2)
+    waiting = queue_of(held(0, priority=LOW), held(1), held(2, priority=LOW), held(3),
+                       held(4, priority=HIGH))
+    batches = place(waiting, workers, slots=2, now=0, high_reserve=1)
+    placed = [h.spec.attempt_id for batch in batches.values() for h in batch]
+    # 4 slots, 1 kept: HIGH, then NORMAL in order, and the reserve is left free.
+    assert sorted(placed) == ["a1", "a3", "a4"]
+    assert [h.spec.attempt_id for h in waiting] == ["a0", "a2"]  # LOW waits, in order
+
+    late_high = queue_of(*waiting, held(5, priority=HIGH))
+    batches = place(late_high, workers, slots=2, now=0, high_reserve=1)
+    assert [ids(b) for b in batches.values()] == [["a5"]]  # it takes the kept slot at once
+    assert [h.spec.attempt_id for h in late_high] == ["a0", "a2"]
+
+
+def test_without_a_reserve_every_slot_is_used_and_tiers_still_go_in_order():
+    workers = links(1)
+    waiting = queue_of(held(0, priority=LOW), held(1), held(2, priority=HIGH))
+    batches = place(waiting, workers, slots=3, now=0)
+    assert ids(batches[workers[0]]) == ["a2", "a1", "a0"] and not waiting
