@@ -59,3 +59,8 @@ class TtlCache:
         """Drops one key: its next `get` fetches (after a change made through this process)."""
         with self._lock:
             self._values.pop(key, None)
+
+    def clear(self) -> None:
+        """Drops every key: each next `get` fetches (the source changed as a whole)."""
+        with self._lock:
+            self._values.clear()

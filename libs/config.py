@@ -65,6 +65,20 @@ class WeirConfig:
     shard_size: int = setting(
         2, "Partitions in each (tenant, function)'s shuffle shard (k of the task partitions).",
         check=_positive, rule="> 0")
+    isolated_partitions: int = setting(
+        4, "Partitions each task topic has beyond task_partitions, in no shuffle shard: hot "
+        "tenants are moved onto shard_size of them each, while there are free ones.",
+        check=lambda v: v >= 0, rule=">= 0")
+    hot_tenant_backlog: int = setting(
+        1000, "Tasks waiting for a tenant (all its functions) past which, held for "
+        "hot_tenant_seconds, the router moves it to partitions of its own.",
+        check=_positive, rule="> 0")
+    hot_tenant_drained: int = setting(
+        100, "Tasks waiting under which, held for hot_tenant_seconds, a moved tenant goes "
+        "back to its shared partitions.", check=lambda v: v >= 0, rule=">= 0")
+    hot_tenant_seconds: float = setting(
+        10.0, "How long a tenant's backlog stays past hot_tenant_backlog (or under "
+        "hot_tenant_drained) before it is moved (or back).", check=_positive, rule="> 0")
 
     # Service addresses. Every service binds host:port; 0 asks the OS for a free port.
     gateway_bind_host: str = setting(

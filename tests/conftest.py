@@ -27,7 +27,8 @@ def engines() -> weir_config.WeirConfig:
 def suite_config(engines: weir_config.WeirConfig) -> weir_config.WeirConfig:
     """A keyspace and topics of the session's own, migrated and created once."""
     config = weir_config.load(keyspace=unique("test"),
-                              topic_prefix=unique("test").replace("_", "-"), task_partitions=4)
+                              topic_prefix=unique("test").replace("_", "-"), task_partitions=4,
+                              isolated_partitions=2)
     session = connect(config, keyspace="")
     try:
         migrate(session, keyspace=config.keyspace, replication_factor=1)

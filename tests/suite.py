@@ -53,6 +53,7 @@ class Suite:
         env = {**os.environ, "WEIR_KEYSPACE": self.config.keyspace,
                "WEIR_TOPIC_PREFIX": self.config.topic_prefix,
                "WEIR_TASK_PARTITIONS": str(self.config.task_partitions),
+               "WEIR_ISOLATED_PARTITIONS": str(self.config.isolated_partitions),
                "WEIR_SHUTDOWN_GRACE_SECONDS": "2", "WEIR_LEASE_SECONDS": "3",
                "WEIR_SWEEP_INTERVAL_SECONDS": "0.5", "WEIR_UNQUEUED_GRACE_SECONDS": "1",
                "WEIR_OPERATION_SILENT_SECONDS": "2", "WEIR_WEBHOOK_ALLOW_PRIVATE": "true",

@@ -6,7 +6,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import KafkaAdminClient, NewPartitions, NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
 from libs import config as weir_config
@@ -43,18 +43,28 @@ def weir_topics(config: weir_config.WeirConfig) -> list[TopicSpec]:
     """Every topic the suite needs, sized from the config."""
     prefix = config.topic_prefix
     return [
-        *(TopicSpec(task_topic(prefix, tier), config.task_partitions) for tier in PRIORITY_TIERS),
+        *(TopicSpec(task_topic(prefix, tier), config.task_partitions + config.isolated_partitions)
+          for tier in PRIORITY_TIERS),
         TopicSpec(results_topic(prefix), max(config.task_partitions // 2, 1)),
         TopicSpec(dead_letter_topic(prefix), max(config.task_partitions // 4, 1)),
     ]
 
 
 def ensure_topics(*, bootstrap: str, specs: list[TopicSpec], replication_factor: int) -> list[str]:
-    """Creates the topics that do not exist yet; returns the names it created."""
+    """Creates the topics that do not exist yet, and adds partitions to those that have fewer
+    than their spec (a topic never shrinks); returns the names it created."""
     admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","), client_id="weir-topics")
     try:
         existing = set(admin.list_topics())
         missing = [s for s in specs if s.name not in existing]
+        present = {s.name: s.partitions for s in specs if s.name in existing}
+        if present:
+            grow = {d["topic"]: NewPartitions(present[d["topic"]])
+                    for d in admin.describe_topics(list(present))
+                    if len(d["partitions"]) < present[d["topic"]]}
+            if grow:
+                log.info("adding partitions", extra={"topics": sorted(grow)})
+                admin.create_partitions(grow, timeout_ms=30_000)
         if missing:
             # Another process may create them between our list and create: that is fine.
             with contextlib.suppress(TopicAlreadyExistsError):

@@ -148,6 +148,11 @@ class UnreadBacklog:
                 del self._mix[partition]  # no longer ours
                 self._per_record.pop(partition, None)
 
+    def by_partition(self) -> dict[PartitionId, int]:
+        with self._lock:
+            return {p: round(records * self._per_record.get(p, 1.0))
+                    for p, records in self._unread.items() if records}
+
     def by_tenant(self) -> dict[str, int]:
         estimate: Counter[str] = Counter()
         with self._lock:
@@ -816,16 +821,23 @@ class LimitSync:
         self._last = now
         demands = self._owner.limit_demands()
         waiting = Counter(self._owner.backlog())
+        by_partition = Counter(self._owner.partition_backlog())
         if self._unread is not None:
             waiting.update(self._unread.by_tenant())
+            by_partition.update(self._unread.by_partition())
         backlog = heapq.nlargest(MAX_BACKLOG_TENANTS, waiting.items(), key=lambda item: item[1])
-        if not demands and not backlog and not self._had_news:
+        partitions = heapq.nlargest(MAX_BACKLOG_TENANTS, (
+            item for item in by_partition.items() if item[1] > 0), key=lambda item: item[1])
+        if not demands and not backlog and not partitions and not self._had_news:
             return  # (an empty report once after the last, so the router frees what we held)
-        self._had_news = bool(demands or backlog)
+        self._had_news = bool(demands or backlog or partitions)
         try:
             response = self._router.ShareLimits(router_pb2.ShareLimitsRequest(
                 dispatcher_id=self._id, demands=demands, backlogs=[
-                    router_pb2.TenantBacklog(tenant_id=t, waiting=n) for t, n in backlog]),
+                    router_pb2.TenantBacklog(tenant_id=t, waiting=n) for t, n in backlog],
+                partition_backlogs=[
+                    router_pb2.PartitionBacklog(topic=topic, partition=p, waiting=n)
+                    for (topic, p), n in partitions]),
                 timeout=SHARE_SECONDS * 4)
         except grpc.RpcError as exc:
             # Shares run out on their own: limited functions wait; the rest flow on.

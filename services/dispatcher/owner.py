@@ -914,6 +914,11 @@ class Owner:
         with self._lock:
             return self._ready.tenants()
 
+    def partition_backlog(self) -> dict[PartitionId, int]:
+        """Tasks taken and waiting for a slot, by partition."""
+        with self._lock:
+            return self._ready.waiting()
+
     def limits_wanted(self) -> bool:
         """Whether the router should hear from this dispatcher now: a limited function waits
         for its first share, or a share shrank or has nothing left to pace."""

@@ -23,11 +23,12 @@ from libs.cassandra.submissions import SubmissionStore
 from libs.cassandra.taskstate import TaskStateStore
 from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
+from libs.errors import NotFound, Unavailable
 from libs.kafka.client import Producer
 from libs.periodic import Periodic
 from services.gateway.admission import BACKLOG_POLL_SECONDS, Admission, BacklogPoller
 from services.gateway.control import TaskControl
-from services.gateway.engine import FUNCTION_CACHE_SECONDS, Submitter
+from services.gateway.engine import BUSY_PARTITION, FUNCTION_CACHE_SECONDS, Submitter
 from services.gateway.operations import OperationRunner, OperationStarter
 from services.gateway.server import create_server
 from services.gateway.sweeper import SubmissionSweeper
@@ -54,8 +55,18 @@ def start(config: WeirConfig) -> service.Started:
     dead_letters, operations = DeadLetterStore(session), OperationStore(session)
 
     def route(tenant_id: str, function: str, priority: common_pb2.Priority) -> router_pb2.Route:
-        return router.GetRoute(router_pb2.GetRouteRequest(
-            tenant_id=tenant_id, function=function, priority=priority), timeout=5)
+        try:
+            # wait_for_ready: a router restarting is waited for (within the timeout), not
+            # failed at once because the channel is still backing off.
+            return router.GetRoute(router_pb2.GetRouteRequest(
+                tenant_id=tenant_id, function=function, priority=priority), timeout=5,
+                wait_for_ready=True)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound(exc.details() or "no such tenant", reason="TENANT_NOT_FOUND") \
+                    from exc
+            raise Unavailable("the router cannot be reached to route the tasks; retry",
+                              reason="ROUTER_UNAVAILABLE") from exc
 
     def adaptive_rate(tenant_id: str, function: str) -> common_pb2.AdaptiveRateState | None:
         try:
@@ -68,13 +79,13 @@ def start(config: WeirConfig) -> service.Started:
 
     admission = Admission(backlog_threshold=config.admission_backlog,
                           tenant_threshold=config.admission_tenant_backlog)
-    backlog_poll = Periodic("backlog", BACKLOG_POLL_SECONDS, BacklogPoller(
-        router=router, admission=admission).poll).start()
-
     function_cache = TtlCache(functions.get, ttl=FUNCTION_CACHE_SECONDS)
     submitter = Submitter(tasks=tasks, listing=listing, submissions=submissions,
                           functions=function_cache, dedup=dedup, route=route, producer=producer,
                           crash_after_store=config.fault == "gateway.crash_after_store")
+    backlog_poll = Periodic("backlog", BACKLOG_POLL_SECONDS, BacklogPoller(
+        router=router, admission=admission, on_routes=submitter.road_conditions,
+        busy_partition=BUSY_PARTITION).poll).start()
     control = TaskControl(tasks=tasks, listing=listing, dead_letters=dead_letters,
                           parked=ParkedStore(session), functions=functions, dedup=dedup,
                           producer=producer)

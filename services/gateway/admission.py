@@ -131,21 +131,27 @@ class Admission:
 
 
 class BacklogPoller:
-    """Keeps an `Admission` fed with the router's backlog. A router silent for
+    """Keeps an `Admission` fed with the router's backlog, and the routing with the busy
+    partitions and the routes' generation (``on_routes``). A router silent for
     `STALE_SECONDS` leaves admission open: it protects the queues, it is not needed for
     correctness, so an outage of it refuses no one."""
 
     def __init__(self, *, router: router_pb2_grpc.RouterServiceStub, admission: Admission,
+                 on_routes: Callable[[int, dict[tuple[str, int], int]], None] | None = None,
+                 busy_partition: int = 0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._router = router
         self._admission = admission
+        self._on_routes = on_routes
+        self._busy_partition = busy_partition
         self._clock = clock
         self._heard = clock()
 
     def poll(self) -> None:
         try:
             backlog = self._router.GetBacklog(router_pb2.GetBacklogRequest(
-                min_tenant_waiting=self._admission.tenant_threshold), timeout=1)
+                min_tenant_waiting=self._admission.tenant_threshold,
+                min_partition_waiting=self._busy_partition), timeout=1)
         except grpc.RpcError as exc:
             if self._clock() - self._heard >= STALE_SECONDS:
                 self._admission.update(BacklogView())
@@ -155,3 +161,6 @@ class BacklogPoller:
         self._heard = self._clock()
         self._admission.update(BacklogView(
             backlog.waiting, {t.tenant_id: t.waiting for t in backlog.tenants}))
+        if self._on_routes is not None:
+            self._on_routes(backlog.route_generation, {
+                (p.topic, p.partition): p.waiting for p in backlog.partitions})

@@ -6,7 +6,7 @@ import logging
 import os
 import random
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -46,6 +46,9 @@ DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
 # pause, a forced delete) reaches this one's submissions within this time.
 FUNCTION_CACHE_SECONDS = 5.0
 ROUTE_CACHE_SECONDS = 30.0
+# A partition with this many tasks waiting is busy: new tasks go to the others of their
+# shard while it is (the router lists busy partitions in its backlog).
+BUSY_PARTITION = 100
 REQUEST_ID_WINDOW = timedelta(hours=24)
 SERVICE = "gateway"  # the author of the stages it records
 
@@ -85,8 +88,19 @@ class Submitter:
         self._functions = functions  # (tenant, name) -> Function, cached
         self._dedup = dedup
         self._routes = TtlCache(lambda *key: _shard_of(route(*key)), ttl=ROUTE_CACHE_SECONDS)
+        self._route_generation: int | None = None
+        self._busy: Mapping[tuple[str, int], int] = {}
         self._producer = producer
         self._crash_after_store = crash_after_store
+
+    def road_conditions(self, generation: int, busy: Mapping[tuple[str, int], int]) -> None:
+        """The router's routes generation (a change drops the cached routes: a tenant moved)
+        and its busy partitions, twice a second."""
+        if generation != self._route_generation:
+            if self._route_generation is not None:
+                self._routes.clear()
+            self._route_generation = generation
+        self._busy = busy
 
     def create(self, tenant_id: str, requests: Sequence[tasks_pb2.CreateTaskRequest],
                *, prefix: Callable[[int], str]) -> list[Created]:
@@ -219,7 +233,7 @@ class Submitter:
         spec = records_pb2.TaskSpec(
             tenant_id=tenant_id, request_id=request.request_id,
             client_task_id=bool(given.task_id), topic=shard.topic,
-            partition=random.choice(shard.partitions))
+            partition=pick_partition(shard, self._busy))
         task = spec.task  # filled in place: building it apart would copy it into the spec
         task.task_id = task_id
         task.function = given.function
@@ -238,6 +252,15 @@ class Submitter:
         if given.HasField("schedule_time") and given.schedule_time.ToDatetime(tzinfo=UTC) > now:
             task.schedule_time.CopyFrom(given.schedule_time)
         return spec
+
+
+def pick_partition(shard: Shard, busy: Mapping[tuple[str, int], int]) -> int:
+    """A partition of the shard at random among those not busy; when all are, the one with
+    the fewest waiting. So a flood on one partition slows only the tasks already there."""
+    calm = [p for p in shard.partitions if (shard.topic, p) not in busy]
+    if calm:
+        return random.choice(calm)
+    return min(shard.partitions, key=lambda p: busy[(shard.topic, p)])
 
 
 def _shard_of(route: router_pb2.Route) -> Shard:

@@ -19,6 +19,7 @@ from services.router.limits import Adaptive, Allocator, Demand, Limits
 MAX_NAME_CHARS = 128
 MAX_DISPATCHER_ID_CHARS = 256
 MAX_DEMANDS = 10_000
+MAX_TOPIC_CHARS = 249  # Kafka's own limit
 # How long a share holds without renewal (dispatchers renew every 0.25 s). The allocator
 # forgets a silent dispatcher only well after its shares ran out (`Allocator.forget_after`).
 SHARE_LEASE = timedelta(seconds=2)
@@ -61,11 +62,18 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
 
     def GetBacklog(self, request: router_pb2.GetBacklogRequest,
                    context: grpc.ServicerContext) -> router_pb2.Backlog:
-        if request.min_tenant_waiting < 0:
-            raise InvalidArgument({"min_tenant_waiting": "not negative"})
+        problems = {f: "not negative" for f in ("min_tenant_waiting", "min_partition_waiting")
+                    if getattr(request, f) < 0}
+        if problems:
+            raise InvalidArgument(problems)
         waiting, tenants = self._backlogs.view(min_tenant_waiting=request.min_tenant_waiting)
-        return router_pb2.Backlog(waiting=waiting, tenants=[
-            router_pb2.TenantBacklog(tenant_id=t, waiting=n) for t, n in tenants])
+        partitions = self._backlogs.partitions(min_waiting=request.min_partition_waiting) \
+            if request.min_partition_waiting else {}
+        return router_pb2.Backlog(
+            waiting=waiting, route_generation=self._table.generation,
+            tenants=[router_pb2.TenantBacklog(tenant_id=t, waiting=n) for t, n in tenants],
+            partitions=[router_pb2.PartitionBacklog(topic=topic, partition=p, waiting=n)
+                        for (topic, p), n in partitions.items()])
 
     def ShareLimits(self, request: router_pb2.ShareLimitsRequest,
                     context: grpc.ServicerContext) -> router_pb2.ShareLimitsResponse:
@@ -86,10 +94,21 @@ class RouterHandler(router_pb2_grpc.RouterServiceServicer):
                                               "characters, and waiting not negative")
             if len(problems) >= 50:
                 break
+        if len(request.partition_backlogs) > MAX_DEMANDS:
+            problems["partition_backlogs"] = f"at most {MAX_DEMANDS:,}"
+        for n, partition in enumerate(request.partition_backlogs[:MAX_DEMANDS]):
+            if not 0 < len(partition.topic) <= MAX_TOPIC_CHARS or partition.partition < 0 \
+                    or partition.waiting < 0:
+                problems[f"partition_backlogs[{n}]"] = (
+                    f"a topic of 1 to {MAX_TOPIC_CHARS} characters, and partition and waiting "
+                    "not negative")
+            if len(problems) >= 50:
+                break
         if problems:
             raise InvalidArgument(problems)
-        self._backlogs.report(request.dispatcher_id,
-                              {b.tenant_id: b.waiting for b in request.backlogs})
+        self._backlogs.report(
+            request.dispatcher_id, {b.tenant_id: b.waiting for b in request.backlogs},
+            {(b.topic, b.partition): b.waiting for b in request.partition_backlogs})
         grants = self._allocator.share(request.dispatcher_id, [Demand(
             key=(d.tenant_id, d.function),
             limits=Limits(rate=d.limits.max_dispatches_per_second, burst=d.limits.max_burst_size,
