@@ -12,8 +12,9 @@ Run in the order 2, 4, 3, 1 (each drains before the next; 1 leaves its LOW backl
    `AIMD_SECONDS`: when the rate settles within 10 % of 40, its mean and the THROTTLED share
    afterwards, and where it is once the cap is 80;
 4. noisy neighbour: B and C create single tasks at 50/s each, for `NOISY_SECONDS`, without
-   and then with A submitting 20 times as much: submit→start p99 of B and C, and who the
-   gateway refused (RESOURCE_EXHAUSTED).
+   and then with A submitting 20 times as much, first with A kept on its shared partitions,
+   then with the router moving it to partitions of its own: submit→start p99 of B and C,
+   who the gateway refused (RESOURCE_EXHAUSTED), and A's route.
 Figures go to ``bench-results/flow.json``. Shorter runs: WEIR_BENCH_AIMD_SECONDS (90),
 WEIR_BENCH_NOISY_SECONDS (30); some parts only: WEIR_BENCH_FLOW_PARTS (e.g. ``noisy,aimd``).
 """
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cassandra.cluster import Session
+from weir.internal.router.v1 import router_pb2, router_pb2_grpc
 from weir.v1 import common_pb2
 
 from benchmarks.common import header, percentiles, save
@@ -271,7 +273,19 @@ def noisy_neighbour(suite: Suite, session: Session, store: TaskStateStore) -> di
         return figures
 
     try:
-        result = {"without_a": run(False), "with_a": run(True)}
+        result = {"without_a": run(False)}
+        # A stays on its shared partitions (no move), then is moved to partitions of its own
+        # (the router's defaults: a backlog of 1,000 held for 10 s).
+        restart_with(suite, "router", WEIR_HOT_TENANT_BACKLOG=str(10**9))
+        result["with_a_not_moved"] = run(True)
+        restart_with(suite, "router")
+        result["with_a_moved"] = run(True)
+        with suite.internal_channel("router", identity="gateway") as channel:
+            routes = router_pb2_grpc.RouterServiceStub(channel).ListRoutes(
+                router_pb2.ListRoutesRequest(tenant_id=tenants["a"][0]), timeout=10).routes
+        result["with_a_moved"]["a_route"] = [
+            {"partitions": list(r.partitions), "home": list(r.home_partitions),
+             "reason": r.move_reason} for r in routes]
     finally:
         for client in clients.values():
             client.close()
@@ -285,9 +299,9 @@ OPEN_ADMISSION = {"WEIR_ADMISSION_BACKLOG": "10000000",
                   "WEIR_ADMISSION_TENANT_BACKLOG": "10000000"}
 
 
-def gateway_with(suite: Suite, **env: str) -> None:
-    suite.terminate("gateway")
-    suite.restart("gateway", **env)
+def restart_with(suite: Suite, name: str, **env: str) -> None:
+    suite.terminate(name)
+    suite.restart(name, **env)
 
 
 def main() -> None:
@@ -314,10 +328,10 @@ def main() -> None:
         if "noisy" in PARTS:
             # Admission at its defaults for the noisy neighbour only: the other figures need
             # deeper queues than a tenant is admitted by default.
-            gateway_with(suite, WEIR_ADMISSION_BACKLOG="4000",
+            restart_with(suite, "gateway", WEIR_ADMISSION_BACKLOG="4000",
                          WEIR_ADMISSION_TENANT_BACKLOG="1500")
             result["noisy_neighbour"] = noisy_neighbour(suite, session, store)
-            gateway_with(suite, **OPEN_ADMISSION)
+            restart_with(suite, "gateway", **OPEN_ADMISSION)
         if "aimd" in PARTS:
             result["aimd"] = aimd(suite, session, store)
         if "priorities" in PARTS:  # last: its LOW backlog is left to expire

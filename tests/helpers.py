@@ -40,3 +40,13 @@ def free_port() -> int:
 def unique(prefix: str) -> str:
     """A name no other test uses: ``prefix_<12 hex>`` (valid as keyspace, topic, tenant)."""
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+class Clock:
+    """A clock a test moves by hand (``clock.now += 1``); call it for the time."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

@@ -589,7 +589,8 @@ class Owner:
             if stored.status.HasField("lease_expire_time") else now_utc()
         held.persisted_lease = expiry
         held.lease_deadline = self._clock() + max(0.0, (expiry - now_utc()).total_seconds())
-        self._send_out(stored.status.attempt_id, held)
+        self._send_out(stored.status.attempt_id, held,
+                       [key for key, _ in self._limits_of(held)])
         self._mark(held)  # listed again in flight under this epoch, for a next owner
         if ack:
             ack.done()
@@ -958,12 +959,13 @@ class Owner:
             if held.function is None or held.function.state in HELD or _expired(held.message):
                 self._admit(held)  # it fails, parks or ends EXPIRED instead
                 continue
+            limited = self._limits_of(held)
             blocked = self._limiter.admit([
-                (key, limits, self._out.get(key, 0)) for key, limits in self._limits_of(held)])
+                (key, limits, self._out.get(key, 0)) for key, limits in limited])
             if blocked is not None:
                 self._ready.set_aside(blocked, held)
                 continue
-            self._dispatch(held, stream)
+            self._dispatch(held, stream, [key for key, _ in limited])
 
     def _limits_of(self, held: Held) -> list[tuple[LimitKey, common_pb2.RateLimits]]:
         """The limits a task goes out within: its function's and its tenant's, where set,
@@ -977,10 +979,12 @@ class Owner:
         return limited + [quota for key, limits in limited
                           for quota in tier_quotas(key, limits, held.message.priority)]
 
-    def _send_out(self, attempt_id: str, held: Held) -> None:
+    def _send_out(self, attempt_id: str, held: Held, limited: list[LimitKey]) -> None:
+        """Counts the attempt out under its function, its tenant and the limits it went out
+        within (``limited``), until `_bring_back`."""
         self._attempts[attempt_id] = held
         own = [(held.key.tenant_id, held.message.function), (held.key.tenant_id, "")]
-        held.out_keys = own + [key for key, _ in self._limits_of(held) if key not in own]
+        held.out_keys = own + [key for key in limited if key not in own]
         for key in held.out_keys:
             self._out[key] = self._out.get(key, 0) + 1
 
@@ -1003,7 +1007,7 @@ class Owner:
             self._ready.release(key, min(count, self._limiter.releasable(
                 key, out=self._out.get(key, 0))))
 
-    def _dispatch(self, held: Held, stream: Stream) -> None:
+    def _dispatch(self, held: Held, stream: Stream, limited: list[LimitKey]) -> None:
         partition = self._partitions[held.partition]
         attempt_id = f"{held.partition[0]}/{held.partition[1]}/{partition.ownership.epoch}/" \
                      f"{next(self._attempt_ids)}"
@@ -1020,7 +1024,7 @@ class Owner:
         held.lease_deadline = self._clock() + self._lease.total_seconds()
         held.state = State.TASK_STATE_DISPATCHED
         self._stage(held, State.TASK_STATE_DISPATCHED, "", attempt=number)
-        self._send_out(attempt_id, held)
+        self._send_out(attempt_id, held, limited)
         held.out_since = self._clock()  # written by `tick` unless it ends first
         function = held.function
         timeout = function.timeout if function and function.HasField("timeout") else \

@@ -5,16 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from services.router.limits import Adaptive, Allocator, Demand, Limits
+from tests.helpers import Clock
 
 KEY = ("t1", "f")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def allocator(clock: Clock) -> Allocator:
@@ -29,7 +22,7 @@ def report(alloc: Allocator, limits: Limits, *, ended: int = 0, throttled: int =
 
 
 def test_the_rate_starts_at_its_ceiling_and_falls_by_the_factor_when_enough_is_throttled():
-    clock = Clock()
+    clock = Clock(100.0)
     alloc = allocator(clock)
     limits = Limits(rate=100, adaptive=Adaptive(decrease_factor=0.5))
     assert report(alloc, limits) == 100
@@ -41,7 +34,7 @@ def test_the_rate_starts_at_its_ceiling_and_falls_by_the_factor_when_enough_is_t
 
 
 def test_a_few_throttled_attempts_or_a_small_ratio_do_not_decrease_it():
-    clock = Clock()
+    clock = Clock(100.0)
     alloc = allocator(clock)
     limits = Limits(rate=100, adaptive=Adaptive(min_throttled_attempts=3,
                                                 min_throttled_ratio=0.05))
@@ -53,7 +46,7 @@ def test_a_few_throttled_attempts_or_a_small_ratio_do_not_decrease_it():
 
 
 def test_it_grows_by_its_step_while_tasks_wait_never_past_the_ceiling_nor_below_the_floor():
-    clock = Clock()
+    clock = Clock(100.0)
     alloc = allocator(clock)
     limits = Limits(rate=10, adaptive=Adaptive(decrease_factor=0.1, increase_per_second=2,
                                                floor=4))
@@ -74,7 +67,7 @@ def test_it_grows_by_its_step_while_tasks_wait_never_past_the_ceiling_nor_below_
 def test_against_a_downstream_of_40_a_second_it_settles_near_40_with_few_throttled():
     """The defaults (step 1/s, factor 0.9, 3 attempts and 5 % to decrease), a backlog that
     never runs out and a downstream that throttles every call above 40 in a second."""
-    clock = Clock()
+    clock = Clock(100.0)
     alloc = allocator(clock)
     limits = Limits(rate=200, adaptive=Adaptive())
     rate, rates, calls, throttled = report(alloc, limits), [], 0, 0

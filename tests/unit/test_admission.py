@@ -8,14 +8,7 @@ from google.rpc import error_details_pb2
 
 from libs.errors import ResourceExhausted
 from services.gateway.admission import Admission, BacklogView, SampleAndHold
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import Clock
 
 
 def sampler(clock: Clock, seed: int = 7) -> SampleAndHold:

@@ -4,14 +4,7 @@ import pytest
 
 from libs.errors import Unauthenticated
 from services.gateway.auth import ApiKeyAuthenticator
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import Clock
 
 
 def make(keys: dict[str, str], clock: Clock, lookups: list[str]) -> ApiKeyAuthenticator:

@@ -5,15 +5,7 @@ from __future__ import annotations
 import threading
 
 from libs.cache import TtlCache
-from tests.helpers import eventually
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import Clock, eventually
 
 
 def test_get_fetches_once_per_ttl():

@@ -5,19 +5,12 @@ from __future__ import annotations
 import pytest
 
 from services.router.hot import HotTenants, Move
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import Clock
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(100.0)
 
 
 def hot(clock: Clock, *, pool: tuple[int, ...] = (16, 17, 18, 19)) -> HotTenants:

@@ -9,16 +9,9 @@ import pytest
 from hypothesis import given, note, settings, strategies as st
 
 from services.router.limits import Allocator, Demand, Grant, Key, Limits
+from tests.helpers import Clock
 
 KEY: Key = ("acme", "resize")
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -49,7 +42,7 @@ def rounds(allocator: Allocator, limits: Limits, dispatchers: list[Dispatcher],
 
 def test_two_dispatchers_with_equal_backlogs_get_half_each():
     limits = Limits(rate=20.0, concurrency=10)
-    allocator = Allocator(clock=Clock(), learning=0.0)
+    allocator = Allocator(clock=Clock(1000.0), learning=0.0)
     a, b = Dispatcher("a", waiting=1000), Dispatcher("b", waiting=1000)
     rounds(allocator, limits, [a, b])
     assert (a.slots, b.slots) == (5, 5)
@@ -60,7 +53,7 @@ def test_two_dispatchers_with_equal_backlogs_get_half_each():
 
 def test_a_small_backlog_gets_what_it_can_use_and_a_big_one_the_rest():
     limits = Limits(rate=100.0, concurrency=10)
-    allocator = Allocator(clock=Clock(), learning=0.0)
+    allocator = Allocator(clock=Clock(1000.0), learning=0.0)
     small, big = Dispatcher("small", waiting=1), Dispatcher("big", waiting=10_000)
     rounds(allocator, limits, [small, big])
     assert small.rate == pytest.approx(1.0) and big.rate == pytest.approx(99.0)
@@ -69,7 +62,7 @@ def test_a_small_backlog_gets_what_it_can_use_and_a_big_one_the_rest():
 
 def test_odd_slots_go_to_the_first_by_name_and_the_total_is_the_cap():
     limits = Limits(concurrency=3)
-    allocator = Allocator(clock=Clock(), learning=0.0)
+    allocator = Allocator(clock=Clock(1000.0), learning=0.0)
     a, b = Dispatcher("a", waiting=50), Dispatcher("b", waiting=50)
     rounds(allocator, limits, [b, a])
     assert (a.slots, b.slots) == (2, 1)
@@ -77,7 +70,7 @@ def test_odd_slots_go_to_the_first_by_name_and_the_total_is_the_cap():
 
 def test_capacity_nobody_wants_is_headroom_for_those_with_work():
     limits = Limits(rate=10.0, concurrency=10)
-    allocator = Allocator(clock=Clock(), learning=0.0)
+    allocator = Allocator(clock=Clock(1000.0), learning=0.0)
     a, b, idle = Dispatcher("a", waiting=1), Dispatcher("b", out=1), Dispatcher("idle")
     rounds(allocator, limits, [a, b, idle])
     assert (a.slots, b.slots, idle.slots) == (5, 5, 0)
@@ -87,7 +80,7 @@ def test_capacity_nobody_wants_is_headroom_for_those_with_work():
 
 def test_a_shrunk_share_goes_to_the_other_only_once_its_holder_reports_it():
     limits = Limits(concurrency=10)
-    allocator = Allocator(clock=Clock(), learning=0.0)
+    allocator = Allocator(clock=Clock(1000.0), learning=0.0)
     a, b = Dispatcher("a", waiting=100), Dispatcher("b", waiting=100)
     assert a.report(allocator, limits).slots == 10  # alone, it gets everything
     assert b.report(allocator, limits).slots == 0  # a may be using all 10
@@ -99,7 +92,7 @@ def test_a_shrunk_share_goes_to_the_other_only_once_its_holder_reports_it():
 
 def test_attempts_out_stay_counted_after_a_share_shrinks():
     limits = Limits(concurrency=10)
-    allocator = Allocator(clock=Clock(), learning=0.0)
+    allocator = Allocator(clock=Clock(1000.0), learning=0.0)
     a, b = Dispatcher("a", waiting=100), Dispatcher("b", waiting=100)
     a.report(allocator, limits)
     a.out, a.waiting = 8, 92  # a used its whole grant of 10 while it lasted
@@ -111,7 +104,7 @@ def test_attempts_out_stay_counted_after_a_share_shrinks():
 
 
 def test_while_learning_nobody_gets_more_than_it_holds():
-    clock = Clock()
+    clock = Clock(1000.0)
     limits = Limits(rate=10.0, concurrency=10)
     allocator = Allocator(clock=clock, learning=2.0)
     a = Dispatcher("a", waiting=100, rate=2.0, slots=3)  # held from before the restart
@@ -125,7 +118,7 @@ def test_while_learning_nobody_gets_more_than_it_holds():
 
 
 def test_the_burst_is_split_in_proportion_to_the_rate_and_is_at_least_one():
-    allocator = Allocator(clock=Clock(), learning=0.0)
+    allocator = Allocator(clock=Clock(1000.0), learning=0.0)
     a, b = Dispatcher("a", waiting=1000), Dispatcher("b", waiting=1000)
     rounds(allocator, Limits(rate=10.0, burst=30), [a, b])
     assert [g.burst for g in allocator.view(KEY).values()] == [15.0, 15.0]
@@ -138,7 +131,7 @@ def test_the_burst_is_split_in_proportion_to_the_rate_and_is_at_least_one():
 
 
 def test_unlimited_keys_get_an_empty_grant_and_are_not_stored():
-    allocator = Allocator(clock=Clock(), learning=0.0)
+    allocator = Allocator(clock=Clock(1000.0), learning=0.0)
     limited, free = ("acme", ""), ("acme", "free")
     grants = allocator.share("a", [
         Demand(free, Limits(), 5, 0, 0.0, 0),
@@ -151,7 +144,7 @@ def test_unlimited_keys_get_an_empty_grant_and_are_not_stored():
 
 def test_a_key_left_out_of_a_report_is_released_and_an_empty_key_deleted():
     limits = Limits(concurrency=10)
-    allocator = Allocator(clock=Clock(), learning=0.0)
+    allocator = Allocator(clock=Clock(1000.0), learning=0.0)
     a, b = Dispatcher("a", waiting=100), Dispatcher("b", waiting=100)
     rounds(allocator, limits, [a, b])
     other: Key = ("acme", "other")
@@ -164,7 +157,7 @@ def test_a_key_left_out_of_a_report_is_released_and_an_empty_key_deleted():
 
 
 def test_a_silent_dispatcher_is_forgotten_after_forget_after():
-    clock = Clock()
+    clock = Clock(1000.0)
     limits = Limits(rate=10.0, concurrency=10)
     allocator = Allocator(clock=clock, forget_after=10.0, learning=0.0)
     a, b = Dispatcher("a", waiting=100), Dispatcher("b", waiting=100)
@@ -209,7 +202,7 @@ def decode(step: int) -> tuple[str, int, int, int, int]:
        steps=st.lists(st.integers(0, STEP_CHOICES - 1), min_size=20, max_size=60))
 def test_the_sum_in_use_never_exceeds_the_limits(n: int, cap: int, rate: float,
                                                  steps: list[int]) -> None:
-    clock = Clock()
+    clock = Clock(1000.0)
     limits = Limits(rate=rate, concurrency=cap)
     learning = 1.0
     allocator = Allocator(clock=clock, forget_after=1e6, learning=0.0)
@@ -262,7 +255,7 @@ def test_the_sum_in_use_never_exceeds_the_limits(n: int, cap: int, rate: float,
 
 def test_three_dispatchers_settle_on_max_min_fair_shares():
     limits = Limits(rate=30.0, concurrency=9)
-    allocator = Allocator(clock=Clock(), learning=0.0)
+    allocator = Allocator(clock=Clock(1000.0), learning=0.0)
     sims = [Dispatcher("d0", waiting=2), Dispatcher("d1", waiting=40),
             Dispatcher("d2", waiting=40)]
     rounds(allocator, limits, sims)

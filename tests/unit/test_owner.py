@@ -16,6 +16,7 @@ from libs.cassandra.owners import Ownership, TimestampRange
 from libs.cassandra.taskstate import StoredTask, TaskKey, timestamp_of
 from services.dispatcher import owner as owner_module
 from services.dispatcher.owner import Owner, RecordAck
+from tests.helpers import Clock
 
 State = tasks_pb2.TaskState
 Exit = tasks_pb2.ExitReason
@@ -24,17 +25,9 @@ ECHO = functions_pb2.Function(name="echo", handler="examples.demo:echo",
                               state=functions_pb2.FunctionState.FUNCTION_STATE_ACTIVE)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(1000.0)
 
 
 def owning(clock: Clock, **options) -> Owner:

@@ -7,14 +7,7 @@ import math
 import pytest
 
 from services.dispatcher.limits import TokenBucket
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import Clock
 
 
 def takes(bucket: TokenBucket) -> int:
@@ -27,14 +20,14 @@ def takes(bucket: TokenBucket) -> int:
 
 
 def test_a_new_bucket_is_empty_so_a_new_grant_releases_no_burst():
-    clock = Clock()
+    clock = Clock(1000.0)
     bucket = TokenBucket(4.0, 10.0, clock=clock)
     assert not bucket.take()
     assert bucket.wait() == pytest.approx(0.25)
 
 
 def test_tokens_refill_at_the_rate_up_to_the_burst():
-    clock = Clock()
+    clock = Clock(1000.0)
     bucket = TokenBucket(4.0, 3.0, clock=clock)
     clock.now += 0.5
     assert takes(bucket) == 2
@@ -43,7 +36,7 @@ def test_tokens_refill_at_the_rate_up_to_the_burst():
 
 
 def test_wait_is_the_time_to_the_next_token_and_a_caller_that_waits_gets_it():
-    clock = Clock()
+    clock = Clock(1000.0)
     bucket = TokenBucket(3.0, 1.0, clock=clock)
     clock.now += 0.1
     assert bucket.wait() == pytest.approx((1 - 0.3) / 3)
@@ -54,7 +47,7 @@ def test_wait_is_the_time_to_the_next_token_and_a_caller_that_waits_gets_it():
 
 
 def test_at_rate_zero_no_token_ever_comes():
-    clock = Clock()
+    clock = Clock(1000.0)
     bucket = TokenBucket(0.0, 5.0, clock=clock)
     clock.now += 1e6
     assert not bucket.take()
@@ -62,7 +55,7 @@ def test_at_rate_zero_no_token_ever_comes():
 
 
 def test_set_keeps_the_tokens_earned_at_the_old_rate_capped_at_the_new_burst():
-    clock = Clock()
+    clock = Clock(1000.0)
     bucket = TokenBucket(1.0, 10.0, clock=clock)
     clock.now += 5
     bucket.set(100.0, 2.0)
@@ -78,7 +71,7 @@ def test_set_keeps_the_tokens_earned_at_the_old_rate_capped_at_the_new_burst():
 
 
 def test_time_spent_at_rate_zero_earns_nothing_once_a_rate_is_granted():
-    clock = Clock()
+    clock = Clock(1000.0)
     bucket = TokenBucket(0.0, 0.0, clock=clock)
     clock.now += 100
     bucket.set(2.0, 4.0)
@@ -88,14 +81,14 @@ def test_time_spent_at_rate_zero_earns_nothing_once_a_rate_is_granted():
 
 def test_a_burst_below_one_still_holds_one_token():
     # A small share of a key's burst can be a fraction; it must still be able to dispatch.
-    clock = Clock()
+    clock = Clock(1000.0)
     bucket = TokenBucket(0.5, 0.25, clock=clock)
     clock.now += 10
     assert takes(bucket) == 1
 
 
 def test_a_clock_stepping_back_neither_earns_nor_loses_tokens():
-    clock = Clock()
+    clock = Clock(1000.0)
     bucket = TokenBucket(1.0, 5.0, clock=clock)
     clock.now += 2.5
     assert bucket.take()
