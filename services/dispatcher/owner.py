@@ -256,19 +256,23 @@ class ReadyQueue:
         return None
 
     def _next_tier(self, allowed: tuple[int, ...]) -> int | None:
-        """The highest waiting tier, unless a lower waiting tier has earned its turn."""
-        waiting = [t for t in allowed if any(self._tiers[t].values())]
-        for tier in allowed:
+        """The highest waiting tier, unless a lower waiting tier has earned its turn.
+        Shares count over every pop, those only ``allowed`` tiers could take too (HIGH into
+        an executor's reserve): a lower tier catches up at its next chance."""
+        waiting = [t for t in TIERS if any(self._tiers[t].values())]
+        for tier in TIERS:
             if tier not in waiting:
                 self._owed[tier] = 0.0  # no banking a share while idle
-        if not waiting:
+        candidates = [t for t in waiting if t in allowed]
+        if not candidates:
             return None
         for tier in waiting[1:]:
             # Capped at 2, not 1: two tiers due at once both keep their turn.
             self._owed[tier] = min(2.0, self._owed[tier] + self._shares.get(tier, 0.0))
-        due = [t for t in waiting[1:] if self._owed[t] >= 1.0 - 1e-9]  # 10 × 0.1 < 1.0
+        due = [t for t in candidates if t != waiting[0]
+               and self._owed[t] >= 1.0 - 1e-9]  # 10 × 0.1 < 1.0
         if not due:
-            return waiting[0]
+            return candidates[0]
         tier = max(due, key=lambda t: self._owed[t])
         self._owed[tier] -= 1.0
         return tier

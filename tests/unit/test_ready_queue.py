@@ -47,6 +47,18 @@ def test_high_goes_first_while_low_gets_exactly_its_share():
     assert order[:9] == [HIGH] * 9  # LOW's turn comes once it has earned it, not first
 
 
+def test_pops_only_high_may_take_count_toward_low_share_and_low_catches_up_after():
+    """Every fourth pop is for an executor's HIGH reserve (HIGH only): LOW still gets a
+    tenth of all the pops, not a tenth of the others."""
+    queue = ReadyQueue(SHARES)
+    fill(queue, LOW, 100)
+    fill(queue, HIGH, 200)
+    popped = [queue.pop(below_high=n % 4 != 3) for n in range(200)]
+    lows = sum(h.message.priority == LOW for h in popped if h)
+    assert lows in (19, 20)  # 20 owed; the last may still wait for a pop LOW may take
+    assert all(h.message.priority == HIGH for n, h in enumerate(popped) if n % 4 == 3)
+
+
 def test_each_lower_tier_keeps_its_own_share_under_all_three():
     queue = ReadyQueue(SHARES)
     for tier in (LOW, NORMAL, HIGH):
