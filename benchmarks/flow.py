@@ -214,8 +214,8 @@ def aimd(suite: Suite, session: Session, store: TaskStateStore) -> dict:
     means = [sum(rates[n:n + 10]) / 10 for n in range(AIMD_SECONDS - 9)]
     settled = next((n for n in range(len(means)) if all(36 <= m <= 44 for m in means[n:])),
                    None)
-    after = [(t, ok) for t, ok in calls if began + (settled or AIMD_SECONDS) <= t
-             < began + AIMD_SECONDS]
+    since = AIMD_SECONDS if settled is None else settled  # (0: settled from the start)
+    after = [(t, ok) for t, ok in calls if began + since <= t < began + AIMD_SECONDS]
     served = [ok for t, ok in calls if began + AIMD_SECONDS - 30 <= t < began + AIMD_SECONDS]
     result = {
         "downstream_cap_per_second": 40, "ceiling": 200,

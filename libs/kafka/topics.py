@@ -59,9 +59,9 @@ def ensure_topics(*, bootstrap: str, specs: list[TopicSpec], replication_factor:
         missing = [s for s in specs if s.name not in existing]
         present = {s.name: s.partitions for s in specs if s.name in existing}
         if present:
-            grow = {d["topic"]: NewPartitions(present[d["topic"]])
+            grow = {d["name"]: NewPartitions(present[d["name"]])
                     for d in admin.describe_topics(list(present))
-                    if len(d["partitions"]) < present[d["topic"]]}
+                    if len(d["partitions"]) < present[d["name"]]}
             if grow:
                 log.info("adding partitions", extra={"topics": sorted(grow)})
                 admin.create_partitions(grow, timeout_ms=30_000)

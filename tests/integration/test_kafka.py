@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from kafka import TopicPartition
+from kafka.admin import KafkaAdminClient
 
 from libs.kafka.client import Consumer, Message, Producer, Record
 from libs.kafka.topics import TopicSpec, ensure_topics
@@ -145,3 +146,21 @@ def test_unread_counts_what_a_paused_partition_has_not_fetched(suite_config, top
         assert consumer.unread([TopicPartition(topic, 5)]) == {}  # not assigned here
     finally:
         consumer.close()
+
+
+def test_ensuring_topics_again_adds_partitions_to_a_topic_that_has_fewer(suite_config):
+    """An older deployment's task topics lack the isolated partitions: they are added, and a
+    topic is never shrunk."""
+    name = unique("grown")
+    bootstrap = suite_config.kafka_bootstrap
+    assert ensure_topics(bootstrap=bootstrap, specs=[TopicSpec(name, 2)],
+                         replication_factor=1) == [name]
+    assert ensure_topics(bootstrap=bootstrap, specs=[TopicSpec(name, 4)],
+                         replication_factor=1) == []
+    ensure_topics(bootstrap=bootstrap, specs=[TopicSpec(name, 3)], replication_factor=1)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    try:
+        [described] = admin.describe_topics([name])
+        assert len(described["partitions"]) == 4
+    finally:
+        admin.close()
