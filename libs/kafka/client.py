@@ -283,7 +283,9 @@ class ConsumerLoop:
     ``on_message`` owns the message from then on: it acks or nacks it, now or later (from
     another thread); if it raises, the message is nacked and delivered again. ``between``
     runs on the loop's thread before each poll (the consumer is not thread-safe: pausing,
-    resuming and asking offsets happen there).
+    resuming and asking offsets happen there). ``rank`` orders a poll's messages by topic,
+    lowest first (each partition's stay in offset order): the dispatcher takes HIGH records
+    before the LOW ones fetched with them.
 
     A broker that goes away and comes back is an outage, not an end: a failed poll or commit
     is logged and tried again, and kafka-python rejoins the group by itself. Anything else
@@ -294,8 +296,9 @@ class ConsumerLoop:
     def __init__(self, consumer: Consumer, on_message: Callable[[Message], None], *,
                  name: str, between: Callable[[], None] = lambda: None,
                  on_death: Callable[[BaseException], None] = lambda exc: None,
-                 poll_seconds: float = 0.2) -> None:
+                 poll_seconds: float = 0.2, rank: Callable[[str], int] | None = None) -> None:
         self._consumer = consumer
+        self._rank = rank
         self._on_message = on_message
         self._between = between
         self._on_death = on_death
@@ -341,6 +344,8 @@ class ConsumerLoop:
                 log.warning("poll failed; trying again", exc_info=failures == 1)
                 self._stopping.wait(min(0.1 * failures, 2.0))
                 continue
+            if (rank := self._rank) is not None:
+                messages.sort(key=lambda m: rank(m.topic))  # stable: offsets stay in order
             for message in messages:
                 try:
                     self._on_message(message)

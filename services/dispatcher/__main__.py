@@ -79,8 +79,9 @@ def start(config: WeirConfig) -> service.Started:
     started: list[service.Started] = []
     # A dead loop takes no more tasks: NOT_SERVING, then exit 1 (its partitions move to the
     # other dispatchers meanwhile).
+    tiers = {task_topic(config.topic_prefix, t): n for n, t in enumerate(PRIORITY_TIERS)}
     loop = ConsumerLoop(consumer, intake.offer, name="dispatcher", between=partitions.between,
-                        on_death=lambda exc: started[0].fail())
+                        on_death=lambda exc: started[0].fail(), rank=tiers.__getitem__)
 
     def drain() -> None:
         loop.stop()
