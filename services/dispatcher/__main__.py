@@ -20,6 +20,7 @@ from libs.kafka.client import Consumer, ConsumerLoop, Producer
 from libs.kafka.topics import PRIORITY_TIERS, results_topic, task_topic, weir_topics
 from libs.periodic import Periodic
 from services.dispatcher.engine import (
+    PACE_EVERY_SECONDS,
     Adoption,
     Flusher,
     Functions,
@@ -75,6 +76,9 @@ def start(config: WeirConfig) -> service.Started:
         config.router_address, "router"))
     limits = Periodic("limit-shares", 0.02, LimitSync(
         owner=owner, router=router, dispatcher_id=owner_name, unread=unread).step).start()
+    # Its own thread: a slow call to the router must not hold rate-limited tasks back, or
+    # a bucket full for that long drops the tokens it would have earned.
+    pacing = Periodic("limit-pace", PACE_EVERY_SECONDS, owner.pace).start()
 
     started: list[service.Started] = []
     # A dead loop takes no more tasks: NOT_SERVING, then exit 1 (its partitions move to the
@@ -85,6 +89,7 @@ def start(config: WeirConfig) -> service.Started:
 
     def drain() -> None:
         loop.stop()
+        pacing.stop()
         limits.stop()
         flusher.stop()
         timers.stop()

@@ -59,6 +59,7 @@ TIMER_MARGIN = timedelta(seconds=15)  # a minute's timers are done this long aft
 PARTITION_LIMIT = 1000
 TIER_LIMIT = 5000
 SHARE_SECONDS = 0.25  # how often the limit shares are renewed at the router
+PACE_EVERY_SECONDS = 0.02  # how often tasks a rate held back are let out as tokens come
 UNREAD_SECONDS = 1.0  # how often the unread records of owned partitions are counted
 PAUSE_CHECK_SECONDS = 0.02  # how often the piles are checked for pausing or resuming
 ROUTER_COMPLAINT_SECONDS = 10.0  # an unreachable router is logged at most this often
@@ -798,8 +799,8 @@ class LimitSync:
     """Renews this dispatcher's shares of the cluster-wide limits at the router, and reports
     its backlog by tenant: every `SHARE_SECONDS`, and at once when a limited function waits
     for its first share (or a share shrank or idles). `step` runs every few milliseconds
-    (`libs.periodic.Periodic`) and also lets out the tasks a rate held back as its tokens
-    come."""
+    (`libs.periodic.Periodic`); `Owner.pace`, on a thread of its own, lets out the tasks a
+    rate held back as its tokens come."""
 
     def __init__(self, *, owner: Owner, router: router_pb2_grpc.RouterServiceStub,
                  dispatcher_id: str, unread: UnreadBacklog | None = None,
@@ -814,7 +815,6 @@ class LimitSync:
         self._had_news = False
 
     def step(self) -> None:
-        self._owner.pace()
         now = self._clock()
         if now - self._last < SHARE_SECONDS and not self._owner.limits_wanted():
             return
