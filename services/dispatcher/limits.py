@@ -6,6 +6,7 @@ Tokens refill lazily from the clock, so an idle bucket costs nothing. Nothing he
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -80,7 +81,7 @@ class TokenBucket:
 
 
 LimitKey = tuple[str, str]  # (tenant_id, function)
-PACE_SECONDS = 0.25
+PACE_WINDOW_SECONDS = 0.25
 # The keys of a limit's quotas by tier: its own key's function (empty for a tenant's) with a
 # suffix no function name has ('#'), so they are shared by the router like any other limit.
 BELOW_HIGH, LOW_ONLY = "#below-high", "#low"
@@ -97,13 +98,17 @@ def tier_quotas(key: LimitKey, limits: common_pb2.RateLimits, priority: int
     quotas = []
     if limits.high_reserved_fraction:
         slots = max(1, int(cap * (1 - limits.high_reserved_fraction) + EPSILON))
-        quotas.append(((key[0], key[1] + BELOW_HIGH),
-                       common_pb2.RateLimits(max_concurrent_dispatches=slots)))
+        quotas.append(((key[0], key[1] + BELOW_HIGH), _capped_at(slots)))
     if limits.low_max_fraction and priority == common_pb2.Priority.PRIORITY_LOW:
         slots = max(1, int(cap * limits.low_max_fraction + EPSILON))
-        quotas.append(((key[0], key[1] + LOW_ONLY),
-                       common_pb2.RateLimits(max_concurrent_dispatches=slots)))
+        quotas.append(((key[0], key[1] + LOW_ONLY), _capped_at(slots)))
     return quotas
+
+
+@functools.lru_cache(maxsize=1024)
+def _capped_at(slots: int) -> common_pb2.RateLimits:
+    """A concurrency cap, built once per size: it is looked up for every dispatch (read only)."""
+    return common_pb2.RateLimits(max_concurrent_dispatches=slots)
 
 
 @dataclass
@@ -182,9 +187,9 @@ class Limiter:
                 ) -> list[router_pb2.LimitDemand]:
         """What to tell the router; keys with nothing waiting, out or held are dropped."""
         now = self._clock()
-        # The pace is measured over at least PACE_SECONDS: a prompt report after a few ms
+        # The pace is measured over at least PACE_WINDOW_SECONDS: a prompt report after a few ms
         # would make a handful of dispatches look like a flood.
-        elapsed, self._reported = max(now - self._reported, PACE_SECONDS), now
+        elapsed, self._reported = max(now - self._reported, PACE_WINDOW_SECONDS), now
         demands = []
         for key, share in list(self._shares.items()):
             live = share.expires > now

@@ -84,7 +84,7 @@ def start(config: WeirConfig) -> service.Started:
                           functions=function_cache, dedup=dedup, route=route, producer=producer,
                           crash_after_store=config.fault == "gateway.crash_after_store")
     backlog_poll = Periodic("backlog", BACKLOG_POLL_SECONDS, BacklogPoller(
-        router=router, admission=admission, on_routes=submitter.road_conditions,
+        router=router, admission=admission, on_routes=submitter.routing_changed,
         busy_partition=BUSY_PARTITION).poll).start()
     control = TaskControl(tasks=tasks, listing=listing, dead_letters=dead_letters,
                           parked=ParkedStore(session), functions=functions, dedup=dedup,

@@ -93,7 +93,7 @@ class Submitter:
         self._producer = producer
         self._crash_after_store = crash_after_store
 
-    def road_conditions(self, generation: int, busy: Mapping[tuple[str, int], int]) -> None:
+    def routing_changed(self, generation: int, busy: Mapping[tuple[str, int], int]) -> None:
         """The router's routes generation (a change drops the cached routes: a tenant moved)
         and its busy partitions, twice a second."""
         if generation != self._route_generation:
