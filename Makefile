@@ -40,11 +40,15 @@ $(GEN)/.stamp: $(VENV)/.installed $(PROTOS)
 	  --grpc_python_out=$(GEN) $(PROTOS)
 	touch $@
 
-tools: $(TOOLS)/grpcurl $(TOOLS)/buf ## Pinned grpcurl and buf, built from the Go module proxy.
+tools: $(TOOLS)/grpcurl $(TOOLS)/buf $(TOOLS)/jaeger ## Pinned grpcurl, buf and Jaeger, built from the Go module proxy.
 $(TOOLS)/grpcurl:
 	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 $(TOOLS)/buf:
 	GOBIN=$(TOOLS) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+# Jaeger's module has replace directives, which `go install pkg@version` refuses: its version
+# is pinned as a tool of a module of ours instead (deploy/local/jaeger/go.mod).
+$(TOOLS)/jaeger: deploy/local/jaeger/go.mod deploy/local/jaeger/go.sum
+	cd deploy/local/jaeger && GOBIN=$(TOOLS) go install tool
 
 credentials: venv ## The deployment CA and each service's TLS certificate (once), in .weir/credentials.
 	$(PY) -m libs.tls init
@@ -52,7 +56,7 @@ credentials: venv ## The deployment CA and each service's TLS certificate (once)
 worker-user: ## The unprivileged user workers run as when the suite runs as root.
 	deploy/local/worker-user.sh
 
-engines: venv ## Fetch (Maven) and start Kafka and Cassandra on 127.0.0.1.
+engines: venv tools ## Fetch (Maven) and start Kafka, Cassandra and Jaeger on 127.0.0.1.
 	deploy/local/engines.sh start all
 
 schema: venv ## Apply the Cassandra schema migrations.
@@ -71,7 +75,7 @@ run: bootstrap ## Start the whole suite and a demo tenant.
 	@echo "  $(TOOLS)/grpcurl -plaintext $(GATEWAY) list"
 	@echo "Logs: .var/log/   Stop everything: make stop"
 
-stop: ## Stop the services, then Kafka and Cassandra.
+stop: ## Stop the services, then Kafka, Cassandra and Jaeger.
 	-deploy/local/services.sh stop
 	deploy/local/engines.sh stop all
 

@@ -199,6 +199,15 @@ class WeirConfig:
         30.0, "How long the gateway trusts a resolved API key before asking Cassandra again.",
         check=lambda v: v >= 0, rule=">= 0")
 
+    # Tracing.
+    otlp_endpoint: str = setting(
+        "", "OTLP/gRPC endpoint (host:port) spans are exported to, e.g. Jaeger's "
+        "127.0.0.1:4317; empty: no export (trace ids are still made, carried and logged).")
+    trace_sample_ratio: float = setting(
+        0.01, "Share of new traces recorded; a task whose caller sent a sampled "
+        "`traceparent` is always recorded, an unsampled one never (parent-based).",
+        check=lambda v: 0.0 <= v <= 1.0, rule="0..1")
+
     def port_of(self, service: str) -> int:
         """The configured port of a service by its package name (e.g. ``executor_manager``)."""
         return getattr(self, f"{service}_port")

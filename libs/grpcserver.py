@@ -45,7 +45,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs lack it
 from grpc_reflection.v1alpha import reflection
 
-from libs import tls
+from libs import tls, tracing
 from libs.errors import PermissionDenied, Unauthenticated, Unavailable, Unimplemented, WeirError
 
 # An engine down or overloaded: the caller may retry the same request (UNAVAILABLE).
@@ -379,7 +379,8 @@ def create_server(*, host: str, port: int, servicers: Iterable[Servicer], worker
     if (credentials is None) != (callers is None):
         raise ValueError("an internal server needs both credentials and its callers")
     pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc")
-    chain: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+    # Outermost, the call's span: it sees the status the error mapping sets.
+    chain: list[grpc.aio.ServerInterceptor] = [tracing.server_interceptor(), ErrorInterceptor()]
     if callers is not None:
         chain.append(PeerAuthorizer(callers))
     chain += [*interceptors, _BridgeInterceptor(_Bridge(pool))]

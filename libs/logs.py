@@ -1,4 +1,9 @@
-"""Structured logs: one JSON object per line on stderr, the same shape in every service."""
+"""Structured logs: one JSON object per line on stderr, the same shape in every service.
+
+Each line names the trace it was written in (``trace_id``, ``span_id``: the current span's,
+e.g. the gRPC call's) and the fields bound for the work at hand (`bound`: ``tenant`` for a
+tenant's call); a line about one task passes ``extra=task_fields(...)``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,42 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from types import MappingProxyType
+
+from libs import tracing
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_NONE: Mapping[str, str] = MappingProxyType({})
+_bound: ContextVar[Mapping[str, str]] = ContextVar("weir_log_fields", default=_NONE)
+
+
+@contextmanager
+def bound(**fields: str) -> Iterator[None]:
+    """Adds ``fields`` to every line logged in this context (threads the gRPC server runs a
+    call's handler in inherit it)."""
+    token = _bound.set({**_bound.get(), **fields})
+    try:
+        yield
+    finally:
+        _bound.reset(token)
+
+
+def bind(**fields: str) -> Callable[[], None]:
+    """`bound` for code that cannot use a with-block (an interceptor); returns the undo."""
+    token = _bound.set({**_bound.get(), **fields})
+    return lambda: _bound.reset(token)
+
+
+def task_fields(tenant_id: str, task_id: str, trace_context: Mapping[str, str] | None = None
+                ) -> dict[str, str]:
+    """The fields of a line about one task: its tenant, id and trace."""
+    fields = {"tenant": tenant_id, "task_id": task_id}
+    if trace_context:
+        fields["trace_id"] = tracing.trace_id_of(trace_context)
+    return fields
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,6 +65,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        ids = tracing.current_ids()
+        if ids is not None:
+            entry["trace_id"], entry["span_id"] = ids
+        entry.update(_bound.get())
         entry.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from libs import config as weir_config, logs, tls
+from libs import config as weir_config, logs, tls, tracing
 from libs.grpcserver import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def run(service: str, start: Callable[[weir_config.WeirConfig], Started]) -> Non
         print(f"{service}: {exc}", file=sys.stderr)
         sys.exit(2)
     logs.setup(service, config.log_level)
+    tracing.setup(service, config)
     try:
         started = start(config)
     except tls.MissingCredentials as exc:
@@ -52,4 +53,5 @@ def run(service: str, start: Callable[[weir_config.WeirConfig], Started]) -> Non
                                              drain=started.drain)
     finally:
         started.close()
+        tracing.shutdown()
     sys.exit(started.exit_code)

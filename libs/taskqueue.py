@@ -43,7 +43,8 @@ def message_of(spec: records_pb2.TaskSpec, *, attempt_number: int,
         tenant_id=spec.tenant_id, task_id=task.task_id, function=task.function,
         payload=task.payload, priority=task.priority, attempt_number=attempt_number,
         enqueue_time=enqueue_time, create_time=task.create_time, labels=task.labels,
-        result_targets=task.result_targets, kind=kind, check_state=check_state)
+        result_targets=task.result_targets, kind=kind, check_state=check_state,
+        trace_context=spec.trace_context)
     if task.HasField("retry_config"):
         message.retry_config.CopyFrom(task.retry_config)
     if task.HasField("expire_time"):

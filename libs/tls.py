@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from libs import batching, config as weir_config
+from libs import batching, config as weir_config, tracing
 
 DOMAIN = "weir.internal"
 SERVICES = ("gateway", "router", "dispatcher", "executor-manager", "notifier")
@@ -97,13 +97,15 @@ class Credentials:
                                            require_client_auth=True)
 
     def channel(self, address: str, peer: str) -> grpc.Channel:
-        """A channel to ``peer`` (an identity) at ``address``, authenticated both ways."""
-        return grpc.secure_channel(address, self._channel_credentials(),
-                                   options=self.channel_options(peer))
+        """A channel to ``peer`` (an identity) at ``address``, authenticated both ways; its
+        calls carry the caller's trace context (every internal call is traced)."""
+        return tracing.instrument_channel(grpc.secure_channel(
+            address, self._channel_credentials(), options=self.channel_options(peer)))
 
     def aio_channel(self, address: str, peer: str) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(address, self._channel_credentials(),
-                                       options=self.channel_options(peer))
+                                       options=self.channel_options(peer),
+                                       interceptors=tracing.aio_interceptors())
 
     def channel_options(self, peer: str) -> list[tuple[str, str | int]]:
         # A restarted service is found again within a couple of seconds: grpc's default

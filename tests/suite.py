@@ -35,6 +35,10 @@ class RunningService:
     log_path: Path
 
 
+JAEGER_OTLP = f"127.0.0.1:{os.environ.get('WEIR_JAEGER_OTLP_PORT', '4317')}"
+JAEGER_API = f"http://127.0.0.1:{os.environ.get('WEIR_JAEGER_UI_PORT', '16686')}/api"
+
+
 @dataclass
 class Suite:
     """The services of one test session, each on a free port, sharing the session's keyspace."""
@@ -60,7 +64,9 @@ class Suite:
                "WEIR_ROUTER_ADDRESS": address["router"],
                "WEIR_DISPATCHER_ADDRESSES": address["dispatcher"],
                "WEIR_NOTIFIER_ADDRESS": address["notifier"],
-               "WEIR_CREDENTIALS_DIR": str(self.credentials_dir)}
+               "WEIR_CREDENTIALS_DIR": str(self.credentials_dir),
+               # The session's Jaeger (engines.sh), at the default sampling ratio.
+               "WEIR_OTLP_ENDPOINT": JAEGER_OTLP}
         env.update({f"WEIR_{name.upper()}_PORT": str(port) for name, port in self.ports.items()})
         env.update(overrides)
         return env

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Real Kafka (KRaft, one combined broker+controller) and Cassandra 5.0 (one node) as local
-# processes on 127.0.0.1, from Maven Central jars — no Docker.
+# processes on 127.0.0.1, from Maven Central jars — no Docker; and Jaeger, the trace backend
+# (built by `make tools` into .tools/bin, traces in memory).
 #
-#   engines.sh fetch                         resolve the jars into .cache/engines/ (once)
-#   engines.sh start  [kafka|cassandra|all]  start and wait until each really answers
-#   engines.sh stop   [kafka|cassandra|all]  SIGTERM by recorded pid, SIGKILL after 30 s
-#   engines.sh status [kafka|cassandra|all]
-#   engines.sh reset  [kafka|cassandra|all]  stop and delete the data
+#   engines.sh fetch                                resolve the jars into .cache/engines/ (once)
+#   engines.sh start  [kafka|cassandra|jaeger|all]  start and wait until each really answers
+#   engines.sh stop   [kafka|cassandra|jaeger|all]  SIGTERM by recorded pid, SIGKILL after 30 s
+#   engines.sh status [kafka|cassandra|jaeger|all]
+#   engines.sh reset  [kafka|cassandra|jaeger|all]  stop and delete the data
 #
 # Data and logs: .var/<engine>/{data,logs}; pids: .var/run/<engine>.pid (all git-ignored).
 # Environment: JAVA_HOME (a Java 17), WEIR_KAFKA_PORT (9092), WEIR_KAFKA_CONTROLLER_PORT (9093),
 # WEIR_CASSANDRA_PORT (9042), WEIR_CASSANDRA_STORAGE_PORT (7000), WEIR_KAFKA_HEAP (1g),
-# WEIR_CASSANDRA_HEAP (1g).
+# WEIR_CASSANDRA_HEAP (1g), WEIR_JAEGER_OTLP_PORT (4317), WEIR_JAEGER_UI_PORT (16686),
+# WEIR_JAEGER_QUERY_GRPC_PORT (16685), WEIR_JAEGER_HEALTH_PORT (13133).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 HERE="$ROOT/deploy/local"
@@ -23,6 +25,11 @@ KAFKA_PORT=${WEIR_KAFKA_PORT:-9092}
 KAFKA_CONTROLLER_PORT=${WEIR_KAFKA_CONTROLLER_PORT:-9093}
 CASSANDRA_PORT=${WEIR_CASSANDRA_PORT:-9042}
 CASSANDRA_STORAGE_PORT=${WEIR_CASSANDRA_STORAGE_PORT:-7000}
+JAEGER="$ROOT/.tools/bin/jaeger"
+export WEIR_JAEGER_OTLP_PORT=${WEIR_JAEGER_OTLP_PORT:-4317} WEIR_JAEGER_UI_PORT=${WEIR_JAEGER_UI_PORT:-16686}
+export WEIR_JAEGER_QUERY_GRPC_PORT=${WEIR_JAEGER_QUERY_GRPC_PORT:-16685}
+export WEIR_JAEGER_HEALTH_PORT=${WEIR_JAEGER_HEALTH_PORT:-13133}
+JAEGER_TIMEOUT=30
 KAFKA_TIMEOUT=90
 CASSANDRA_TIMEOUT=180
 T0=$(date +%s.%N)
@@ -75,7 +82,7 @@ fetch_one() {
 fetch() { find_java >/dev/null; fetch_one kafka; fetch_one cassandra; }
 
 pid_of() { [[ -f "$RUN/$1.pid" ]] && cat "$RUN/$1.pid" || true; }
-main_class() { [[ $1 == kafka ]] && echo kafka.Kafka || echo CassandraDaemon; }
+main_class() { case $1 in kafka) echo kafka.Kafka ;; cassandra) echo CassandraDaemon ;; jaeger) echo "$JAEGER" ;; esac; }
 # Alive and still our engine: a recycled pid belonging to another program does not count.
 running() {
   local pid; pid=$(pid_of "$1")
@@ -86,6 +93,7 @@ probe() {
   case $1 in
     kafka) "$PY" "$HERE/probe.py" kafka "127.0.0.1:$KAFKA_PORT" 2>/dev/null ;;
     cassandra) "$PY" "$HERE/probe.py" cassandra 127.0.0.1 "$CASSANDRA_PORT" 2>/dev/null ;;
+    jaeger) "$PY" "$HERE/probe.py" jaeger "127.0.0.1:$WEIR_JAEGER_HEALTH_PORT" 2>/dev/null ;;
   esac
 }
 
@@ -164,6 +172,14 @@ launch_cassandra() {
   echo $! >"$RUN/cassandra.pid"
 }
 
+launch_jaeger() {
+  local dir="$VAR/jaeger"
+  [[ -x "$JAEGER" ]] || die "jaeger: $JAEGER is missing: run 'make tools' first"
+  mkdir -p "$dir/logs"
+  setsid nohup "$JAEGER" --config "$HERE/jaeger/config.yaml" >>"$dir/logs/jaeger.log" 2>&1 9>&- &
+  echo $! >"$RUN/jaeger.pid"
+}
+
 wait_ready() {
   local engine=$1 timeout=$2 log=$3 started; started=$(date +%s)
   until probe "$engine"; do
@@ -177,10 +193,10 @@ wait_ready() {
     fi
     sleep 1
   done
-  say "$engine: ready on 127.0.0.1:$([[ $engine == kafka ]] && echo "$KAFKA_PORT" || echo "$CASSANDRA_PORT") (pid $(pid_of "$engine"))"
+  say "$engine: ready on 127.0.0.1:$(case $engine in kafka) echo "$KAFKA_PORT" ;; cassandra) echo "$CASSANDRA_PORT" ;; jaeger) echo "$WEIR_JAEGER_OTLP_PORT (OTLP), UI and API on 127.0.0.1:$WEIR_JAEGER_UI_PORT" ;; esac) (pid $(pid_of "$engine"))"
 }
 
-engines_of() { case ${1:-all} in all) echo kafka cassandra ;; kafka|cassandra) echo "$1" ;; *) die "unknown engine: $1" ;; esac; }
+engines_of() { case ${1:-all} in all) echo kafka cassandra jaeger ;; kafka|cassandra|jaeger) echo "$1" ;; *) die "unknown engine: $1" ;; esac; }
 
 start() {
   [[ -x "$PY" ]] || die "the Python venv is missing: run 'make venv' first"
@@ -203,8 +219,11 @@ start() {
     to_wait+=("$engine")
   done
   for engine in "${to_wait[@]}"; do
-    if [[ $engine == kafka ]]; then wait_ready kafka "$KAFKA_TIMEOUT" "$VAR/kafka/logs/server.log"
-    else wait_ready cassandra "$CASSANDRA_TIMEOUT" "$VAR/cassandra/logs/system.log"; fi
+    case $engine in
+      kafka) wait_ready kafka "$KAFKA_TIMEOUT" "$VAR/kafka/logs/server.log" ;;
+      cassandra) wait_ready cassandra "$CASSANDRA_TIMEOUT" "$VAR/cassandra/logs/system.log" ;;
+      jaeger) wait_ready jaeger "$JAEGER_TIMEOUT" "$VAR/jaeger/logs/jaeger.log" ;;
+    esac
   done
 }
 

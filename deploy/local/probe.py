@@ -2,6 +2,7 @@
 
     probe.py kafka HOST:PORT        a metadata request (list topics)
     probe.py cassandra HOST PORT    SELECT release_version FROM system.local
+    probe.py jaeger HOST:PORT       its health check answers 200
 """
 
 import logging
@@ -38,10 +39,18 @@ def cassandra(host: str, port: str) -> None:
         cluster.shutdown()
 
 
+def jaeger(address: str) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}/status", timeout=3) as answer:
+        if answer.status != 200:
+            raise RuntimeError(f"health check answered {answer.status}")
+
+
 if __name__ == "__main__":
     logging.disable(logging.CRITICAL)  # a refused connection is the expected answer while booting
     try:
-        {"kafka": kafka, "cassandra": cassandra}[sys.argv[1]](*sys.argv[2:])
+        {"kafka": kafka, "cassandra": cassandra, "jaeger": jaeger}[sys.argv[1]](*sys.argv[2:])
     except Exception as exc:  # any failure means "not ready yet"; the caller retries
         print(f"not ready: {type(exc).__name__}: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -8,7 +8,7 @@ ENGINES="$ROOT/deploy/local/engines.sh"
 alive() { "$ENGINES" status "$1" | grep -q ': running'; }
 
 started=()
-for engine in kafka cassandra; do alive "$engine" || started+=("$engine"); done
+for engine in kafka cassandra jaeger; do alive "$engine" || started+=("$engine"); done
 cleanup() { for engine in "${started[@]}"; do "$ENGINES" stop "$engine"; done; }
 trap cleanup EXIT
 "$ENGINES" start all || exit 1

@@ -23,6 +23,7 @@ from weir.v1 import (
     tenants_pb2_grpc,
 )
 
+from libs import tracing
 from libs.errors import from_rpc_error
 
 FINAL = {tasks_pb2.TaskState.TASK_STATE_SUCCEEDED, tasks_pb2.TaskState.TASK_STATE_FAILED,
@@ -65,8 +66,10 @@ class Client:
 
     def __init__(self, address: str = "127.0.0.1:50051", *, api_key: str,
                  timeout: float = 10.0) -> None:
-        self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)])
+        # Calls carry the application's current trace (when it uses OpenTelemetry): a task
+        # created inside a span joins that trace.
+        self._channel = tracing.instrument_channel(grpc.insecure_channel(address, options=[
+            ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]))
         self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
         self._functions = functions_pb2_grpc.FunctionServiceStub(self._channel)
         self._dead_letters = dead_letters_pb2_grpc.DeadLetterServiceStub(self._channel)

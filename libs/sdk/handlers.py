@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,6 +23,9 @@ class Attempt:
     function: str
     attempt_number: int  # 1 for the first attempt, then 2, 3, ...
     deadline: datetime | None  # when the function's timeout stops it
+    # W3C trace context (traceparent) of the attempt at its executor: spans a handler makes
+    # as its children join the task's trace.
+    trace_context: Mapping[str, str] = field(default_factory=dict)
 
 
 _current: ContextVar[Attempt | None] = ContextVar("weir_attempt", default=None)

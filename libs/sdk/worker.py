@@ -351,7 +351,8 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
             tenant_id=assignment.tenant_id, task_id=assignment.task_id,
             function=assignment.function, attempt_number=assignment.attempt_number,
             deadline=deadline_of(start_ns, assignment.timeout)
-            if assignment.HasField("timeout") else None)
+            if assignment.HasField("timeout") else None,
+            trace_context=dict(assignment.trace_context))
         # A fresh context per attempt: what one handler sets in a ContextVar is not seen by
         # the next attempt of the same slot thread.
         return contextvars.Context().run(run_handler, handler, assignment.payload, attempt)

@@ -30,10 +30,12 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from cassandra.cluster import ResponseFuture
 from kafka import TopicPartition
+from opentelemetry.trace import SpanKind
 from weir.internal.router.v1 import router_pb2, router_pb2_grpc
 from weir.storage.v1 import records_pb2
 from weir.v1 import common_pb2, functions_pb2
 
+from libs import tracing
 from libs.batching import chunks_by_size
 from libs.cache import TtlCache
 from libs.cassandra.dead_letters import DeadLetterStore
@@ -558,9 +560,15 @@ class Publisher:
             outcomes=chunk).SerializeToString(), partition=partition)
             for chunk in chunks_by_size(outcomes, MAX_RECORD_BYTES)]
         failures = 0
+        start_ns = time.time_ns()
         while True:
             try:
                 self.producer.send_all(records)
+                end_ns = time.time_ns()
+                for outcome in outcomes:
+                    tracing.record(outcome.trace_context, "kafka.produce", start_ns, end_ns,
+                                   attributes={"messaging.destination.name": self.topic},
+                                   kind=SpanKind.PRODUCER)
                 return
             except Exception:
                 failures += 1
@@ -657,6 +665,7 @@ class Flusher:
         if not batch.held:
             return False
         delay = 0.05
+        write_ns = time.time_ns()
         while True:
             try:
                 self._write(batch)
@@ -670,6 +679,7 @@ class Flusher:
                 except Exception:
                     log.warning("could not check our epochs; trying again", exc_info=True)
         outcomes = self._owner.flushed(batch)
+        _trace_write(outcomes, write_ns, len(batch.writes))
         for partition, timers in batch.timers.items():
             self._timers.add(partition, timers)
         if batch.parked:  # after `flushed`: a task queued again must find none held
@@ -707,6 +717,16 @@ class Flusher:
             self._publisher.requeue(active)
             for _, message in active:
                 self._parked.unpark(message)
+
+
+def _trace_write(outcomes: list[records_pb2.AttemptOutcome], start_ns: int, writes: int
+                 ) -> None:
+    """The flush that stored these outcomes, in each sampled task's trace."""
+    end_ns = time.time_ns()
+    for outcome in outcomes:
+        tracing.record(outcome.trace_context, "cassandra.write", start_ns, end_ns,
+                       attributes={"weir.state": outcome.state, "weir.writes": writes},
+                       kind=SpanKind.CLIENT)
 
 
 def backlogged(waiting: dict[PartitionId, int], owned: Iterable[PartitionId]

@@ -22,11 +22,13 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, status_pb2
+from opentelemetry.trace import Span, SpanKind
 from weir.internal.dispatcher.v1 import dispatcher_pb2
 from weir.internal.router.v1 import router_pb2
 from weir.storage.v1 import records_pb2
 from weir.v1 import common_pb2, functions_pb2, tasks_pb2
 
+from libs import logs, tracing
 from libs.batching import BATCH_BYTES, chunks_by_size
 from libs.cassandra.owners import Ownership, TimestampRange
 from libs.cassandra.partition_index import InflightEntry, Timer, minute_of, to_millis
@@ -124,6 +126,8 @@ class Held:
     reports: list[tuple[Stream, str]] = field(default_factory=list)  # to confirm once stored
     earlier: list[tasks_pb2.Attempt] = field(default_factory=list)  # stored attempts
     out_keys: list[LimitKey] = field(default_factory=list)  # counted out under these
+    ready_ns: int = 0  # when it last became ready to go (wall clock, for its trace)
+    span: Span | None = None  # the attempt out now, when the task's trace is sampled
 
     @property
     def payload(self) -> bytes:
@@ -229,6 +233,7 @@ class ReadyQueue:
         return self._count
 
     def push(self, held: Held) -> None:
+        held.ready_ns = time.time_ns()
         self._queue(held)
         self._count_in(held)
 
@@ -833,6 +838,10 @@ class Owner:
                 attempt.status.code != code_pb2.OK
                 and attempt.error_class == ErrorClass.ERROR_CLASS_THROTTLED))
         held.attempt = None
+        if held.span is not None:
+            tracing.end_with(held.span, error=attempt.status.message
+                             if attempt.status.code != code_pb2.OK else None)
+            held.span = None
         held.history.attempts.append(attempt)
         held.status.last_status.CopyFrom(attempt.status)
         held.status.ClearField("attempt_id")
@@ -891,8 +900,8 @@ class Owner:
                 attempt.status.CopyFrom(status_pb2.Status(
                     code=code_pb2.UNAVAILABLE,
                     message="lease expired: the executor stopped renewing it"))
-                log.info("an attempt's lease expired", extra={
-                    "tenant": held.key.tenant_id, "task_id": held.key.task_id})
+                log.info("an attempt's lease expired", extra=logs.task_fields(
+                    held.key.tenant_id, held.key.task_id, held.message.trace_context))
                 self._finish_attempt(held, attempt)
             self._assign()
 
@@ -1037,6 +1046,9 @@ class Owner:
         task.CopyFrom(held.message)
         task.payload = held.payload
         task.attempt_number = number
+        held.span = _trace_dispatch(held, number, stream.executor_id)
+        if held.span is not None:  # the executor's spans are the attempt's children
+            tracing.update(task.trace_context, tracing.carrier_of(held.span))
         stream.assignments.append(dispatcher_pb2.Assignment(
             attempt_id=attempt_id, topic=held.partition[0], partition=held.partition[1],
             task=task, handler=function.handler if function else "", timeout=timeout,
@@ -1198,10 +1210,31 @@ def _outcome(held: Held, attempt: tasks_pb2.Attempt | None) -> records_pb2.Attem
         tenant_id=held.key.tenant_id, task_id=held.key.task_id,
         function=held.message.function, state=held.state,
         result=(held.result or b"") if succeeded else b"",
-        result_targets=held.message.result_targets)
+        result_targets=held.message.result_targets, trace_context=held.message.trace_context)
     if attempt is not None:
         outcome.attempt.CopyFrom(attempt)
     return outcome
+
+
+def _trace_dispatch(held: Held, number: int, executor_id: str) -> Span | None:
+    """A sampled task's wait in the queue, recorded, and its attempt's span, started."""
+    context = held.message.trace_context
+    if not tracing.sampled(context):
+        return None
+    now_ns = time.time_ns()
+    message = held.message
+    # The first attempt waited since its record was produced (Kafka, this owner's queue, its
+    # limits); a later one since its retry came due.
+    since = held.ready_ns
+    if number == 1 and message.HasField("enqueue_time"):
+        since = max(message.enqueue_time.ToNanoseconds(), message.schedule_time.ToNanoseconds())
+    partition = {"messaging.destination.name": held.partition[0],
+                 "messaging.destination.partition.id": str(held.partition[1])}
+    tracing.record(context, "weir.queue_wait", min(since, now_ns), now_ns,
+                   attributes={**partition, "weir.attempt": number})
+    return tracing.start(context, "weir.attempt", start_ns=now_ns, kind=SpanKind.CLIENT,
+                         attributes={**partition, "weir.attempt": number,
+                                     "weir.executor_id": executor_id})
 
 
 def _expired(message: records_pb2.TaskMessage) -> bool:
@@ -1226,7 +1259,8 @@ def _message_of(stored: StoredTask) -> records_pb2.TaskMessage:
     message = records_pb2.TaskMessage(
         tenant_id=stored.spec.tenant_id, task_id=task.task_id, function=task.function,
         payload=stored.payload, priority=task.priority, labels=task.labels,
-        attempt_number=stored.status.attempt_count + 1)
+        attempt_number=stored.status.attempt_count + 1,
+        trace_context=stored.spec.trace_context)
     for name in ("create_time", "expire_time"):
         if task.HasField(name):
             getattr(message, name).CopyFrom(getattr(task, name))

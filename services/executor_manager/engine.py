@@ -24,10 +24,13 @@ from datetime import datetime, timedelta
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from google.rpc import code_pb2
+from opentelemetry.trace import Span, SpanKind
 from weir.internal.dispatcher.v1 import dispatcher_pb2, dispatcher_pb2_grpc
 from weir.internal.executor_manager.v1 import executor_manager_pb2
 from weir.v1 import common_pb2
 
+from libs import tracing
 from libs.batching import BATCH_BYTES, chunks_by_size
 from libs.cassandra.taskstate import timestamp_of
 from services.executor_manager.pool import AttemptResult, AttemptSpec, PoolClosed, WorkerPool
@@ -47,6 +50,8 @@ class Running:
     attempt_id: str
     partition: PartitionId
     link: DispatcherLink  # the stream it came from
+    span: Span | None = None  # when the task's trace is sampled
+    handler: str = ""
 
 
 @dataclass
@@ -182,6 +187,8 @@ class Executor:
                     report.retry_delay.CopyFrom(delay)
                 self._unacked[result.attempt_id] = (report, time.monotonic())
                 self._queue_report(running, report)
+                if running.span is not None:
+                    _trace_result(running, result)
         self._wake.set()
 
     def _queue_report(self, running: Running, report: dispatcher_pb2.AttemptReport) -> None:
@@ -202,9 +209,11 @@ class Executor:
                 lower = sum(a.task.priority != HIGH for a in response.assignments)
                 link.below_high = min(link.outstanding, max(0, link.below_high - lower))
             for assignment in response.assignments:
-                self._running[assignment.attempt_id] = Running(
-                    assignment.attempt_id, (assignment.topic, assignment.partition), link)
-                specs.append(_spec_of(assignment))
+                running = Running(assignment.attempt_id,
+                                  (assignment.topic, assignment.partition), link,
+                                  span=_trace_attempt(assignment), handler=assignment.handler)
+                self._running[assignment.attempt_id] = running
+                specs.append(_spec_of(assignment, running.span))
             if response.moved:
                 moved = set(response.moved)
                 for attempt_id in moved:
@@ -369,11 +378,41 @@ class Executor:
             link.stop()
 
 
-def _spec_of(assignment: dispatcher_pb2.Assignment) -> AttemptSpec:
+def _trace_attempt(assignment: dispatcher_pb2.Assignment) -> Span | None:
+    task = assignment.task
+    return tracing.start(task.trace_context, "weir.executor.attempt", kind=SpanKind.SERVER,
+                         attributes={"weir.attempt_id": assignment.attempt_id,
+                                     "weir.attempt": task.attempt_number,
+                                     "weir.function": task.function})
+
+
+def _trace_result(running: Running, result: AttemptResult) -> None:
+    """Ends the attempt's span, with the worker's run inside it as the worker reported it:
+    the worker's span is recorded here, so tenant code never writes to the trace backend."""
+    assert running.span is not None
+    error = None if result.status is None or result.status.code == code_pb2.OK \
+        else result.status.message
+    if result.start_time is not None:
+        tracing.record(tracing.carrier_of(running.span), "weir.handler",
+                       to_nanos(result.start_time), to_nanos(result.end_time), error=error,
+                       attributes={"code.function": running.handler,
+                                   "weir.exit_reason": result.exit_reason},
+                       service="worker")
+    tracing.end_with(running.span, error=error)
+    running.span = None
+
+
+def to_nanos(at: datetime) -> int:
+    return int(at.timestamp() * 1e9)
+
+
+def _spec_of(assignment: dispatcher_pb2.Assignment, span: Span | None = None) -> AttemptSpec:
+    """The attempt to run; ``span``, its span here, is the parent of the handler's."""
     task = assignment.task
     return AttemptSpec(
         attempt_id=assignment.attempt_id, tenant_id=task.tenant_id, task_id=task.task_id,
         function=task.function, handler=assignment.handler, payload=task.payload,
         attempt_number=task.attempt_number, timeout=assignment.timeout.ToTimedelta(),
         concurrency=max(1, assignment.worker_concurrency), labels=dict(task.labels),
-        priority=task.priority, trace_context=dict(task.trace_context))
+        priority=task.priority, trace_context=tracing.carrier_of(span) if span is not None
+        else dict(task.trace_context))

@@ -44,6 +44,7 @@ import grpc
 from google.rpc import code_pb2, status_pb2
 from weir.v1 import common_pb2, tasks_pb2, worker_pb2, worker_pb2_grpc
 
+from libs import logs
 from libs.config import WeirConfig
 from libs.healthcheck import is_serving
 
@@ -952,6 +953,9 @@ class WorkerPool:
                     held.spec, held.start_time, exit_reason=exit_reason,
                     detail="cancelled while running"
                     if exit_reason == Exit.EXIT_REASON_CANCELLED else detail, now=now))
+                log.info("an attempt ended with its worker process", extra={
+                    "attempt_id": held.spec.attempt_id, **logs.task_fields(
+                        held.spec.tenant_id, held.spec.task_id, held.spec.trace_context)})
                 self._release(held)
             if results:
                 log.warning("a worker process ended with attempts on it", extra={

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from libs import logs
 from libs.cassandra.tenants import hash_api_key
 from libs.errors import Unauthenticated
 from libs.grpcserver import OPEN_SERVICES, admitting, service_name_of, wrap_handler
@@ -99,6 +100,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if not tenant:
                 tenant = await asyncio.to_thread(authenticator.authenticate, metadata)
             token = current_tenant.set(tenant)
-            return lambda: current_tenant.reset(token)
+            unbind = logs.bind(tenant=tenant)  # every line logged in the call names it
+
+            def undo() -> None:
+                unbind()
+                current_tenant.reset(token)
+            return undo
 
         return wrap_handler(handler, admitting(admit))

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from opentelemetry import context as otel_context
 from weir.v1 import tasks_pb2
 
 from libs.errors import Unavailable, WeirError
@@ -15,7 +16,9 @@ from services.gateway.engine import Created
 
 MAX_BATCH = 1000  # as BatchCreateTasks
 
-CreateMany = Callable[[str, Sequence[tasks_pb2.CreateTaskRequest]], list[Created]]
+# (tenant, requests, each request's trace context) -> each request's outcome
+CreateMany = Callable[[str, Sequence[tasks_pb2.CreateTaskRequest],
+                       Sequence[otel_context.Context]], list[Created]]
 
 
 @dataclass
@@ -23,6 +26,8 @@ class _Waiting:
     """One caller's request, until its answer (or its turn to submit) comes."""
 
     request: tasks_pb2.CreateTaskRequest
+    # The caller's call: its task joins that trace though another caller submits it.
+    trace: otel_context.Context = field(default_factory=otel_context.get_current)
     ready: threading.Event = field(default_factory=threading.Event)
     created: Created | None = None
     error: BaseException | None = None
@@ -61,7 +66,7 @@ class Coalescer:
         if waiting.lead:
             self._submit_next(tenant_id)
         if waiting.alone:
-            [created] = self._create_many(tenant_id, [request])
+            [created] = self._create_many(tenant_id, [request], [waiting.trace])
             return created
         return waiting.answer()
 
@@ -70,7 +75,8 @@ class Coalescer:
             queue = self._queues[tenant_id]
             batch, self._queues[tenant_id] = queue[:MAX_BATCH], queue[MAX_BATCH:]
         try:
-            results = self._create_many(tenant_id, [w.request for w in batch])
+            results = self._create_many(tenant_id, [w.request for w in batch],
+                                        [w.trace for w in batch])
             for waiting, created in zip(batch, results, strict=True):
                 waiting.created = created
         except Unavailable as exc:

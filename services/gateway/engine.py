@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -13,10 +14,13 @@ from datetime import UTC, datetime, timedelta
 from cassandra.cluster import ResponseFuture
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import code_pb2, status_pb2
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind
 from weir.internal.router.v1 import router_pb2
 from weir.storage.v1 import records_pb2
 from weir.v1 import common_pb2, functions_pb2, tasks_pb2
 
+from libs import tracing
 from libs.cache import TtlCache
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.listing import TaskListing
@@ -103,8 +107,13 @@ class Submitter:
         self._busy = busy
 
     def create(self, tenant_id: str, requests: Sequence[tasks_pb2.CreateTaskRequest],
-               *, prefix: Callable[[int], str]) -> list[Created]:
+               *, prefix: Callable[[int], str], parents: Sequence[Context] | None = None
+               ) -> list[Created]:
         """Creates the tasks of validated requests; entries that repeat an ID are reported.
+
+        ``parents``: the trace context each entry's trace hangs from (its own call's, for
+        single creates submitted together); None: each gets a trace of its own, linked to
+        the current call's (`tracing.task_span`).
 
         Raises:
             NotFound: an entry names a function the tenant does not have.
@@ -118,6 +127,7 @@ class Submitter:
         created = timestamp_of(now)
         results: list[Created | None] = [None] * len(requests)
         specs: list[tuple[int, records_pb2.TaskSpec]] = []
+        spans: list[Span] = []
         claims: list[tuple[str, str]] = []
         for i, (request, function) in enumerate(zip(requests, functions, strict=True)):
             task_id = request.task.task_id or uuid.uuid4().hex
@@ -140,11 +150,12 @@ class Submitter:
                         message=f"task {task_id!r} already exists"))
                     continue
                 claims.append((tenant_id, task_id))
-            specs.append((i, self._spec(tenant_id, task_id, request, function, now,
-                                        created)))
+            spec = self._spec(tenant_id, task_id, request, function, now, created)
+            spans.append(_traced(spec, parents[i] if parents is not None else None))
+            specs.append((i, spec))
         if specs:
             states = self._submit([spec for _, spec in specs], now=now, created=created,
-                                  claims=claims)
+                                  claims=claims, spans=spans)
             ok = status_pb2.Status(code=code_pb2.OK)
             for (i, spec), state in zip(specs, states, strict=True):
                 results[i] = Created(_shown(spec, state), ok)
@@ -179,12 +190,15 @@ class Submitter:
         return functions
 
     def _submit(self, specs: list[records_pb2.TaskSpec], *, now: datetime, created: Timestamp,
-                claims: list[tuple[str, str]]) -> list[State]:
+                claims: list[tuple[str, str]], spans: list[Span]) -> list[State]:
         """Lists the submission, stores the tasks (created at ``now``), produces them;
-        returns their states."""
+        returns their states. Ends each task's span."""
         submission = Submission.new(now)
         states: list[State] = [SCHEDULED if spec.task.HasField("schedule_time") else QUEUED
                                for spec in specs]
+        traced = [(spec, span) for spec, span in zip(specs, spans, strict=True)
+                  if span.is_recording()]
+        stored_ns = time.time_ns()
         try:
             # First, and durable before any task is: a crash after it leaves work to sweep.
             self._submissions.begin(submission, [TaskKey(s.tenant_id, s.task.task_id)
@@ -201,17 +215,24 @@ class Submitter:
         except Exception as exc:
             for tenant, key in claims:
                 self._dedup.release(tenant, key, key)
+            _end_spans(spans, traced, "cassandra.store", stored_ns, error=str(exc))
             raise Unavailable(f"could not store the tasks: {exc}") from exc
         if self._crash_after_store:
             os._exit(17)  # fault injection for tests: die between store and produce
+        produced_ns = time.time_ns()
+        for spec, _ in traced:
+            tracing.record(spec.trace_context, "cassandra.store", stored_ns, produced_ns,
+                           attributes={"weir.tasks": len(specs)}, kind=SpanKind.CLIENT)
         enqueued = timestamp_of(now_utc())
         try:
             self._producer.send_all(records_by_partition(
                 (spec.topic, spec.partition,
                  message_of(spec, attempt_number=1, enqueue_time=enqueued)) for spec in specs))
         except Exception as exc:
+            _end_spans(spans, traced, "kafka.produce", produced_ns, error=str(exc))
             raise Unavailable("tasks stored but not yet queued; they will run — retry with "
                               f"the same request_id to get them: {exc}") from exc
+        _end_spans(spans, traced, "kafka.produce", produced_ns)
         # Not awaited: should it be lost, the sweeper produces the tasks again, and their
         # owners, asked to check, find them already held.
         _log_failure(self._submissions.produced(submission), submission)
@@ -252,6 +273,32 @@ class Submitter:
         if given.HasField("schedule_time") and given.schedule_time.ToDatetime(tzinfo=UTC) > now:
             task.schedule_time.CopyFrom(given.schedule_time)
         return spec
+
+
+def _traced(spec: records_pb2.TaskSpec, parent: Context | None) -> Span:
+    """Starts the task's span and gives the task its trace context and trace id."""
+    task = spec.task
+    span = tracing.task_span("weir.task", parent=parent)
+    if span.is_recording():
+        span.set_attributes({"weir.tenant_id": spec.tenant_id, "weir.task_id": task.task_id,
+                             "weir.function": task.function,
+                             "messaging.destination.name": spec.topic,
+                             "messaging.destination.partition.id": str(spec.partition)})
+    spec.trace_context.update(tracing.carrier_of(span))
+    task.trace_id = tracing.trace_id_of(spec.trace_context)
+    return span
+
+
+def _end_spans(spans: list[Span], traced: list[tuple[records_pb2.TaskSpec, Span]], step: str,
+               start_ns: int, *, error: str | None = None) -> None:
+    """Records the submission's last step in each sampled task's trace, then ends every
+    task's span."""
+    end_ns = time.time_ns()
+    for spec, _ in traced:
+        tracing.record(spec.trace_context, step, start_ns, end_ns, error=error,
+                       kind=SpanKind.PRODUCER if step.startswith("kafka") else SpanKind.CLIENT)
+    for span in spans:
+        tracing.end_with(span, end_ns, error=error)
 
 
 def pick_partition(shard: Shard, busy: Mapping[tuple[str, int], int]) -> int:

@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf import empty_pb2
+from opentelemetry import context as otel_context
 from weir.internal.notifier.v1 import notifier_pb2, notifier_pb2_grpc
 from weir.storage.v1 import records_pb2
 from weir.v1 import operations_pb2, tasks_pb2, tasks_pb2_grpc
 
+from libs import tracing
 from libs.cassandra.taskstate import FINAL_STATES, StoredTask, TaskKey
 from libs.errors import InvalidArgument, NotFound, Unavailable
 from libs.pagetoken import PageTokens
@@ -38,8 +40,8 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
                  admission: Admission) -> None:
         self._submitter = submitter
         self._admission = admission
-        self._singles = Coalescer(lambda tenant, requests: submitter.create(
-            tenant, requests, prefix=lambda i: ""))
+        self._singles = Coalescer(lambda tenant, requests, parents: submitter.create(
+            tenant, requests, prefix=lambda i: "", parents=parents))
         self._control = control
         self._tasks = control.tasks
         self._listing = control.listing
@@ -63,8 +65,11 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         validation.check_batch(request, max_payload_bytes=self._max_payload,
                                allow_private_targets=self._allow_private)
         self._admission.admit(current_tenant.get(), len(request.requests))
+        # A caller's trace holds all its tasks; otherwise each task gets a trace of its own.
+        parents = [otel_context.get_current()] * len(request.requests) \
+            if tracing.sent_trace(context.invocation_metadata()) else None
         created = self._submitter.create(current_tenant.get(), list(request.requests),
-                                         prefix=lambda i: f"requests[{i}].")
+                                         prefix=lambda i: f"requests[{i}].", parents=parents)
         return tasks_pb2.BatchCreateTasksResponse(results=[
             tasks_pb2.BatchCreateTaskResult(task=c.task, status=c.status) for c in created])
 

@@ -8,17 +8,18 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from cassandra.cluster import Session
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
+from opentelemetry.trace import SpanKind
 from weir.storage.v1 import records_pb2
 from weir.v1 import tasks_pb2
 
-from libs import webhooks
+from libs import logs, tracing, webhooks
 from libs.cache import TtlCache
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.taskstate import FINAL_STATES, now_utc
@@ -65,6 +66,7 @@ class Delivery:
     body: bytes
     attempt: int = 1
     done: Callable[[], None] = lambda: None
+    trace_context: Mapping[str, str] = field(default_factory=dict)  # the task's
 
 
 class DeliveryStore:
@@ -114,9 +116,10 @@ class WebhookSender:
         self._schedule.stop()
 
     def send(self, *, tenant_id: str, task_id: str, url: str, headers: dict[str, str],
-             body: bytes, done: Callable[[], None]) -> None:
+             body: bytes, done: Callable[[], None],
+             trace_context: Mapping[str, str] | None = None) -> None:
         self._enqueue(Delivery(time.monotonic(), tenant_id, task_id, url, headers, body,
-                               done=done))
+                               done=done, trace_context=trace_context or {}))
 
     def refuse(self, *, tenant_id: str, task_id: str, target: str, error: str,
                done: Callable[[], None]) -> None:
@@ -128,11 +131,17 @@ class WebhookSender:
         self._schedule.at(delivery.due, lambda: self._post(delivery))
 
     def _post(self, d: Delivery) -> None:
+        span = tracing.start(d.trace_context, "webhook.post", kind=SpanKind.CLIENT,
+                             attributes={"weir.delivery_attempt": d.attempt})
+        # The receiver may continue the task's trace (W3C); an unsampled one names it only.
+        traced = tracing.carrier_of(span) if span is not None else d.trace_context
         try:
             webhooks.post(d.url, d.body, timeout=self._timeout, allow_private=self._allow_private,
-                          headers={**d.headers, "Content-Type": "application/json",
+                          headers={**d.headers, **traced, "Content-Type": "application/json",
                                    "Weir-Delivery-Attempt": str(d.attempt)})
         except webhooks.DeliveryError as exc:
+            if span is not None:
+                tracing.end_with(span, error=str(exc))
             if exc.permanent or d.attempt >= self._max_attempts:
                 self._give_up(d, str(exc))
             else:
@@ -142,6 +151,8 @@ class WebhookSender:
                                                            "task_id": d.task_id})
             self._give_up(d, f"internal error ({type(exc).__name__})")
         else:
+            if span is not None:
+                span.end()
             self._finish(d, "DELIVERED")
 
     def _retry_later(self, d: Delivery, error: str) -> None:
@@ -155,8 +166,9 @@ class WebhookSender:
         self._enqueue(d)
 
     def _give_up(self, d: Delivery, error: str) -> None:
-        log.warning("webhook given up", extra={"url": excerpt(d.url, 200), "task_id": d.task_id,
-                                               "error": error})
+        log.warning("webhook given up", extra={
+            "url": excerpt(d.url, 200), "error": error,
+            **logs.task_fields(d.tenant_id, d.task_id, d.trace_context)})
         self._finish(d, "FAILED", error)
 
     def _finish(self, d: Delivery, status: str, error: str = "") -> None:
@@ -212,9 +224,16 @@ class Notifier:
             return
         deliveries: list[Callable[[Callable[[], None]], None]] = []
         for outcome in batch.outcomes:
+            span = tracing.start(outcome.trace_context, "weir.notify", kind=SpanKind.CONSUMER,
+                                 attributes={"weir.state": outcome.state})
             self._watchers.notify((outcome.tenant_id, outcome.task_id))
             if outcome.state in FINAL_STATES:
-                deliveries += self._deliveries(outcome)
+                found = self._deliveries(outcome)
+                deliveries += found
+                if span is not None:
+                    span.set_attribute("weir.deliveries", len(found))
+            if span is not None:
+                span.end()
         if not deliveries:
             message.ack()
             return
@@ -265,6 +284,6 @@ class Notifier:
                 self._sender.send(
                     tenant_id=tenant_id, task_id=task_id, url=u,
                     headers={**h, SIGNATURE_HEADER: signature, "Weir-Task-Id": task_id},
-                    body=body, done=done)
+                    body=body, done=done, trace_context=dict(outcome.trace_context))
             deliveries.append(send)
         return deliveries

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from google.rpc import code_pb2, status_pb2
+from opentelemetry import context as otel_context
 from weir.v1 import tasks_pb2
 
 from libs.errors import NotFound, Unavailable
@@ -33,8 +34,9 @@ class Submissions:
         self.release_first = threading.Event()
         self.fail_with = fail_with
 
-    def __call__(self, tenant_id: str, requests: Sequence[tasks_pb2.CreateTaskRequest]
-                 ) -> list[Created]:
+    def __call__(self, tenant_id: str, requests: Sequence[tasks_pb2.CreateTaskRequest],
+                 parents: Sequence[otel_context.Context]) -> list[Created]:
+        assert len(parents) == len(requests)  # each caller's trace goes with its request
         self.batches.append([r.task.payload for r in requests])
         if len(self.batches) == 1:
             self.first_started.set()
