@@ -73,7 +73,7 @@ run: bootstrap ## Start the whole suite and a demo tenant.
 	@echo
 	@echo "Weir is up. Gateway: $(GATEWAY)   demo API key: .weir/demo-api-key"
 	@echo "  $(TOOLS)/grpcurl -plaintext $(GATEWAY) list"
-	@echo "Logs: .var/log/   Stop everything: make stop"
+	@echo "Traces: http://127.0.0.1:$(or $(WEIR_JAEGER_UI_PORT),16686) (Jaeger)   Logs: .var/log/   Stop everything: make stop"
 
 stop: ## Stop the services, then Kafka, Cassandra and Jaeger.
 	-deploy/local/services.sh stop
@@ -97,6 +97,7 @@ bench: run ## Benchmarks (not tests): figures into bench-results/, see docs/benc
 	$(PY) -m benchmarks.pipeline
 	$(PY) -m benchmarks.semantics
 	$(PY) -m benchmarks.flow
+	$(PY) -m benchmarks.tracing
 
 clean: ## Remove generated code and local state (stops everything first).
 	-$(MAKE) --no-print-directory stop

@@ -43,6 +43,7 @@ TraceContext = Mapping[str, str]  # the W3C headers: traceparent (and tracestate
 _propagator = TraceContextTextMapPropagator()
 _providers: dict[str, TracerProvider] = {}
 _settings: dict[str, object] = {"endpoint": "", "ratio": 0.0}
+_own: dict[str, trace.Tracer] = {}  # "tracer": this process's, once `setup` ran
 
 # Calls that say nothing about a task: probes, grpcurl's reflection, and the long-lived
 # streams between services (an executor's Work stream lives for hours; its tasks have spans
@@ -63,7 +64,10 @@ def setup(service: str, config: weir_config.WeirConfig) -> None:
     """
     _settings.update(endpoint=config.otlp_endpoint, ratio=config.trace_sample_ratio)
     _providers.clear()
-    trace.set_tracer_provider(provider(service))
+    _tracer.cache_clear()
+    own = provider(service)
+    _own["tracer"] = own.get_tracer("weir")
+    trace.set_tracer_provider(own)  # for the gRPC instrumentation (the API takes it once)
 
 
 def provider(service: str) -> TracerProvider:
@@ -97,8 +101,11 @@ def _tracer(service: str) -> trace.Tracer:
 
 
 def tracer(service: str | None = None) -> trace.Tracer:
-    """The tracer of ``service`` (default: this process's own)."""
-    return _tracer(service) if service else trace.get_tracer("weir")
+    """The tracer of ``service`` (default: this process's own; before `setup`, as in an
+    application using the SDK, the global one)."""
+    if service:
+        return _tracer(service)
+    return _own.get("tracer") or trace.get_tracer("weir")
 
 
 # --- gRPC ----------------------------------------------------------------------------------

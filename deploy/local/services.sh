@@ -10,6 +10,8 @@ RUN="$ROOT/.var/run"
 LOG="$ROOT/.var/log"
 SERVICES=(router notifier executor_manager dispatcher gateway)
 mkdir -p "$RUN" "$LOG"
+# Spans go to the local Jaeger that engines.sh runs (WEIR_OTLP_ENDPOINT= turns export off).
+export WEIR_OTLP_ENDPOINT=${WEIR_OTLP_ENDPOINT-127.0.0.1:${WEIR_JAEGER_OTLP_PORT:-4317}}
 
 port_of() { "$PY" -c "from libs import config; print(config.load().port_of('$1'))"; }
 # Internal services answer only mutual TLS: their health is checked as the operator.
