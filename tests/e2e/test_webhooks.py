@@ -70,12 +70,14 @@ def test_each_result_reaches_the_webhook_signed_and_a_failing_one_is_retried_apa
     good, bad = receivers
     secret = TenantStore(cassandra).get_tenant(tenant_id).webhook_secret
     with suite.client(api_key) as client:
-        ids = [client.create_task("echo", f"p{i}".encode(),
-                                  result_targets=[target(bad.url), target(good.url)]).task_id
-               for i in range(10)]
+        created = [client.create_task("echo", f"p{i}".encode(),
+                                      result_targets=[target(bad.url), target(good.url)])
+                   for i in range(10)]
+        ids = [task.task_id for task in created]
         for task_id in ids:
             client.wait(task_id, timeout=60)
     finished = time.monotonic()
+    traces = {task.task_id: task.trace_id for task in created}
 
     eventually(lambda: good.task_ids() >= set(ids), timeout=30,
                message="every result delivered to the good receiver")
@@ -84,6 +86,8 @@ def test_each_result_reaches_the_webhook_signed_and_a_failing_one_is_retried_apa
         assert hmac.compare_digest(headers["Weir-Signature"], expected)
         payload = json.loads(body)
         assert payload["state"] == "TASK_STATE_SUCCEEDED"
+        # The receiver can continue the task's trace (W3C traceparent).
+        assert headers["traceparent"].split("-")[1] == traces[payload["task_id"]]
         assert base64.b64decode(payload["result"]) == f"p{ids.index(payload['task_id'])}".encode()
     # The good receiver was served within seconds, while the bad one is still being retried.
     assert max(t for t, _, _ in good.posts) - finished < 10
