@@ -84,7 +84,8 @@ def provider(service: str) -> TracerProvider:
             # Exported each second (the SDK's default is 5): a trace is whole in Jaeger soon
             # after its task ends.
             made.add_span_processor(BatchSpanProcessor(
-                OTLPSpanExporter(endpoint=endpoint, insecure=True), schedule_delay_millis=1000))
+                OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=2),
+                schedule_delay_millis=1000))
         _providers[service] = made
     return _providers[service]
 
