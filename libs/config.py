@@ -148,6 +148,16 @@ class WeirConfig:
     batch_items_per_second: float = setting(
         500.0, "Rate at which a batch cancel or delete works through its tasks, so one "
         "tenant's bulk change does not crowd out the others.", check=_positive, rule="> 0")
+    attempt_log_max_bytes: int = setting(
+        64 * 1024, "Cap of each attempt's captured output (stdout, stderr, logging), bytes of "
+        "UTF-8: past it the head and the tail are kept, the middle dropped. Workers apply it "
+        "and the executor-manager enforces it again.",
+        check=lambda v: 1024 <= v <= 1024 * 1024, rule="1024..1048576")
+    attempt_log_retention_seconds: int = setting(
+        7 * 24 * 3600, "How long an attempt's captured output is kept after the attempt "
+        "ended (a Cassandra TTL; the setting of the dispatcher that stored it counts).",
+        check=lambda v: 1 <= v <= 630_720_000, rule="1..630720000 (20 years, Cassandra's "
+        "longest TTL)")
     operation_silent_seconds: float = setting(
         10.0, "How long a long-running operation's owner may be silent before another "
         "gateway takes the operation over.", check=_positive, rule="> 0")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
+import sys
 import threading
 import time
 import urllib.error
@@ -150,3 +152,29 @@ def downstream(payload: bytes) -> bytes:
         if exc.code == 429:
             raise sdk.ThrottledError("the downstream throttled the call") from None
         raise
+
+
+@sdk.task
+def talk(payload: bytes) -> bytes:
+    """Writes to stdout, stderr and `logging`, for the attempt-log tests. Payload: JSON with
+    ``say`` (a line printed, with the attempt number, ``lines`` times, ``pause_ms`` apart),
+    ``bytes`` (that many more bytes printed: line numbers, to overflow the cap) and
+    ``fail_before`` (attempts before that one raise, retryably)."""
+    spec = json.loads(payload or b"{}")
+    number = sdk.current_attempt().attempt_number
+    say = spec.get("say", "hello")
+    for _ in range(spec.get("lines", 1)):
+        print(f"{say} (attempt {number})")
+        time.sleep(spec.get("pause_ms", 0) / 1000)
+    sys.stderr.write(f"on stderr (attempt {number})\n")
+    logging.getLogger("tests.handlers.talk").info("logged (attempt %d)", number)
+    written, line = 0, 0
+    while written < spec.get("bytes", 0):
+        text = f"filler line {line:08d}\n"
+        sys.stdout.write(text)
+        written, line = written + len(text), line + 1
+    if spec.get("bytes"):
+        print("the last line")
+    if number < spec.get("fail_before", 0):
+        raise sdk.RetryableError(f"attempt {number} fails on purpose")
+    return f"{say} (attempt {number})".encode()

@@ -35,7 +35,8 @@ OPERATION_FINAL = {operations_pb2.OperationState.OPERATION_STATE_SUCCEEDED,
 
 # Reads are idempotent: gRPC retries them by itself when a server is briefly unavailable.
 SERVICE_CONFIG = json.dumps({"methodConfig": [{
-    "name": [{"service": "weir.v1.TaskService", "method": m} for m in ("GetTask", "ListTasks")]
+    "name": [{"service": "weir.v1.TaskService", "method": m}
+             for m in ("GetTask", "ListTasks", "GetAttemptLog", "ListAttemptLogs")]
     + [{"service": "weir.v1.FunctionService", "method": m}
        for m in ("GetFunction", "ListFunctions")]
     + [{"service": "weir.v1.DeadLetterService", "method": m}
@@ -122,6 +123,27 @@ class Client:
             page = self._call(self._tasks.ListTasks, tasks_pb2.ListTasksRequest(
                 filter=filter, page_size=page_size, page_token=token))
             yield from page.tasks
+            token = page.next_page_token
+            if not token:
+                return
+
+    def get_attempt_log(self, task_id: str, attempt_number: int) -> tasks_pb2.AttemptLog:
+        """What attempt ``attempt_number`` (1 for the first) of a task wrote: its stdout,
+        stderr and logging records, capped (``truncated`` says whether the middle was
+        dropped). An attempt with nothing stored gives an empty log; see docs/attempt-logs.md.
+        """
+        return self._call(self._tasks.GetAttemptLog, tasks_pb2.GetAttemptLogRequest(
+            task_id=task_id, attempt_number=attempt_number))
+
+    def list_attempt_logs(self, task_id: str, *, page_size: int = 0
+                          ) -> Iterator[tasks_pb2.AttemptLog]:
+        """The logs of every attempt of a task so far, oldest first, page by page
+        (``page_size`` 0: the server's default, 10)."""
+        token = ""
+        while True:
+            page = self._call(self._tasks.ListAttemptLogs, tasks_pb2.ListAttemptLogsRequest(
+                task_id=task_id, page_size=page_size, page_token=token))
+            yield from page.attempt_logs
             token = page.next_page_token
             if not token:
                 return

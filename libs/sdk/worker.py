@@ -4,9 +4,11 @@ The executor-manager starts ``python -m libs.sdk.worker --address unix:///…/wo
 --handler-packages examples,tests.handlers --slots 8``, writes a fresh random token as the
 first line of its stdin, waits for its health check, then opens one ``Run`` stream carrying
 ``authorization: Bearer <token>``: it sends batches of attempts and reads back batches of
-starts and ends. The token travels on stdin because argv and the environment of a process are
-readable by every other process of its user (/proc/<pid>/cmdline, environ). Health checks
-need no token.
+starts and ends. The token travels on stdin because argv and the environment of a process
+are readable by every other process of its user (/proc/<pid>/cmdline, environ). Health
+checks need no token. An end carries what the handler wrote while it ran — stdout, stderr
+and `logging` records, captured per attempt and capped at ``--log-max-bytes``
+(`libs.sdk.capture`).
 
 Attempts run in ``--slots`` long-lived threads (no thread per attempt), at most
 ``max_concurrency`` of one function at once, each in a fresh `contextvars.Context` so
@@ -34,6 +36,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent import futures
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,6 +46,14 @@ from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from weir.v1 import common_pb2, worker_pb2, worker_pb2_grpc
 
+from libs.sdk.capture import (
+    DEFAULT_MAX_BYTES as DEFAULT_LOG_MAX_BYTES,
+    MIN_MAX_BYTES as MIN_LOG_MAX_BYTES,
+    CappedText,
+    Captured,
+    capturing,
+    install as install_capture,
+)
 from libs.sdk.handlers import (
     Attempt,
     Handler,
@@ -101,18 +112,24 @@ def refused(exc: HandlerRefused) -> worker_pb2.HandlerError:
                                                             message=str(exc)))
 
 
-def run_handler(handler: Handler, payload: bytes, attempt: Attempt | None = None
-                ) -> bytes | worker_pb2.HandlerError:
+def run_handler(handler: Handler, payload: bytes, attempt: Attempt | None = None, *,
+                log: CappedText | None = None) -> bytes | worker_pb2.HandlerError:
     """Calls a handler and turns what it returned or raised into the attempt's outcome.
+
+    Args:
+        log: where what the handler writes goes (`libs.sdk.capture`); a traceback ends it
+            when the handler raised, as Python prints one for an uncaught exception.
 
     Returns:
         The result bytes, or the error to report.
     """
     try:
-        with running(attempt):
+        with running(attempt), capturing(log) if log is not None else nullcontext():
             result = encode_result(handler(payload))
     # BaseException: a handler's SystemExit must end its attempt, not the slot's thread.
     except BaseException as exc:
+        if log is not None:
+            log.write(traceback.format_exc())
         return handler_error(exc)
     if len(result) > MAX_RESULT_BYTES:
         return worker_pb2.HandlerError(
@@ -134,8 +151,8 @@ class Outbox:
 
     def __init__(self) -> None:
         self._ready = threading.Condition(threading.Lock())
-        # attempt_id → [start ns, end ns (0 while running), result, error]; dicts keep the
-        # order updates happened in.
+        # attempt_id → [start ns, end ns (0 while running), result, error, log]; dicts keep
+        # the order updates happened in.
         self._updates: dict[str, list[Any]] = {}
         self._held: set[str] = set()  # accepted and not ended
         self._closing = False  # the caller half-closed: end once nothing is held
@@ -159,16 +176,16 @@ class Outbox:
         with self._ready:
             if not self._updates:
                 self._ready.notify()
-            self._updates[attempt_id] = [start_ns, 0, b"", None]
+            self._updates[attempt_id] = [start_ns, 0, b"", None, None]
 
     def ended(self, attempt_id: str, start_ns: int, end_ns: int,
-              outcome: bytes | worker_pb2.HandlerError) -> None:
+              outcome: bytes | worker_pb2.HandlerError, log: Captured | None = None) -> None:
         with self._ready:
             wake = not self._updates
             if isinstance(outcome, bytes):
-                self._updates[attempt_id] = [start_ns, end_ns, outcome, None]
+                self._updates[attempt_id] = [start_ns, end_ns, outcome, None, log]
             else:
-                self._updates[attempt_id] = [start_ns, end_ns, b"", outcome]
+                self._updates[attempt_id] = [start_ns, end_ns, b"", outcome, log]
             self._held.discard(attempt_id)
             # The generator lingers while attempts run; once none does, waiting is pointless.
             if wake or not self._held:
@@ -280,10 +297,14 @@ def deadline_of(start_ns: int, timeout: duration_pb2.Duration) -> datetime:
 
 
 class Worker(worker_pb2_grpc.WorkerServiceServicer):
-    """Runs attempts of any number of Run streams in ``slots`` threads."""
+    """Runs attempts of any number of Run streams in ``slots`` threads; what each attempt
+    writes is captured into a log of at most ``log_max_bytes`` (once `libs.sdk.capture` is
+    installed, as `serve` does)."""
 
-    def __init__(self, *, allowed_packages: Sequence[str], slots: int = 1) -> None:
+    def __init__(self, *, allowed_packages: Sequence[str], slots: int = 1,
+                 log_max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> None:
         self._allowed = tuple(allowed_packages)
+        self._log_max_bytes = log_max_bytes
         self._handlers: dict[str, Handler] = {}
         self._slot_count = slots
         self._slots = Slots(slots, self._run)
@@ -330,16 +351,18 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
     def _run(self, job: Job) -> None:
         assignment = job.assignment
         start = time.time_ns()
+        output = CappedText(self._log_max_bytes)
         try:
             job.outbox.started(assignment.attempt_id, start)
-            outcome = self._call(assignment, start)
+            outcome = self._call(assignment, start, output)
         except Exception as exc:  # a bug of ours: the attempt must end all the same
             log.exception("running an attempt failed")
             outcome = handler_error(exc)
-        job.outbox.ended(assignment.attempt_id, start, time.time_ns(), outcome)
+        job.outbox.ended(assignment.attempt_id, start, time.time_ns(), outcome,
+                         output.captured())
 
-    def _call(self, assignment: worker_pb2.AttemptAssignment, start_ns: int
-              ) -> bytes | worker_pb2.HandlerError:
+    def _call(self, assignment: worker_pb2.AttemptAssignment, start_ns: int,
+              output: CappedText | None = None) -> bytes | worker_pb2.HandlerError:
         handler = self._handlers.get(assignment.handler)
         if handler is None:
             try:
@@ -355,7 +378,8 @@ class Worker(worker_pb2_grpc.WorkerServiceServicer):
             trace_context=dict(assignment.trace_context))
         # A fresh context per attempt: what one handler sets in a ContextVar is not seen by
         # the next attempt of the same slot thread.
-        return contextvars.Context().run(run_handler, handler, assignment.payload, attempt)
+        return contextvars.Context().run(run_handler, handler, assignment.payload, attempt,
+                                         log=output)
 
 
 def responses(batch: dict[str, list[Any]]) -> Iterator[worker_pb2.RunResponse]:
@@ -363,7 +387,7 @@ def responses(batch: dict[str, list[Any]]) -> Iterator[worker_pb2.RunResponse]:
     response = worker_pb2.RunResponse()
     add = response.updates.add
     size = 0
-    for attempt_id, (start, end, result, error) in batch.items():
+    for attempt_id, (start, end, result, error, output) in batch.items():
         if size > BATCH_BYTES:
             yield response
             response = worker_pb2.RunResponse()
@@ -378,6 +402,11 @@ def responses(batch: dict[str, list[Any]]) -> Iterator[worker_pb2.RunResponse]:
                 size += len(result)
             else:
                 update.error.CopyFrom(error)
+            if output is not None and output.original_bytes:
+                update.log.text = output.text
+                update.log.truncated = output.truncated
+                update.log.original_bytes = output.original_bytes
+                size += len(output.text)
     yield response
 
 
@@ -427,7 +456,7 @@ def make_undumpable() -> None:
 
 
 def serve(address: str, *, token: str, allowed_packages: Sequence[str], slots: int = 1,
-          parent_pid: int | None = None) -> None:
+          parent_pid: int | None = None, log_max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> None:
     """Serves the worker protocol on ``address`` until SIGTERM or the parent's exit.
 
     Args:
@@ -437,14 +466,17 @@ def serve(address: str, *, token: str, allowed_packages: Sequence[str], slots: i
             setting).
         slots: attempts run at once (threads).
         parent_pid: the executor-manager's pid; the worker exits when it is gone.
+        log_max_bytes: the cap of each attempt's captured output.
     """
+    install_capture()
     # Threads for calls, not attempts: the Run stream, Describe and health checks.
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
                          interceptors=[BearerToken(token)],
                          options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     worker_pb2_grpc.add_WorkerServiceServicer_to_server(
-        Worker(allowed_packages=allowed_packages, slots=slots), server)
+        Worker(allowed_packages=allowed_packages, slots=slots, log_max_bytes=log_max_bytes),
+        server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if server.add_insecure_port(address) == 0:
@@ -476,6 +508,13 @@ def positive(text: str) -> int:
     return value
 
 
+def log_cap(text: str) -> int:
+    value = int(text)
+    if value < MIN_LOG_MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_LOG_MAX_BYTES}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description="Weir's Python worker runtime. Reads its token from the first line of "
@@ -486,11 +525,15 @@ def main() -> None:
     parser.add_argument("--slots", type=positive, default=1,
                         help="attempts run at once, each in a thread of its own (default 1)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process is gone")
+    parser.add_argument("--log-max-bytes", type=log_cap, default=DEFAULT_LOG_MAX_BYTES,
+                        help="cap of each attempt's captured output, in bytes of UTF-8 "
+                        f"(default {DEFAULT_LOG_MAX_BYTES}); past it the head and the tail "
+                        "are kept")
     args = parser.parse_args()
     make_undumpable()
     serve(args.address, token=read_token(),
           allowed_packages=handler_packages(args.handler_packages), slots=args.slots,
-          parent_pid=args.parent_pid)
+          parent_pid=args.parent_pid, log_max_bytes=args.log_max_bytes)
 
 
 if __name__ == "__main__":

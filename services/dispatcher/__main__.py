@@ -7,6 +7,7 @@ from weir.internal.router.v1 import router_pb2_grpc
 from weir.v1.common_pb2 import Priority
 
 from libs import service, tls
+from libs.cassandra.attempt_logs import AttemptLogStore
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.owners import PartitionOwners
@@ -56,6 +57,8 @@ def start(config: WeirConfig) -> service.Started:
     flusher = Flusher(owner=owner, tasks=tasks, index=index, owners=owners,
                       dead_letters=DeadLetterStore(session), parked=ParkedStore(session),
                       timers=timers, functions=functions,
+                      attempt_logs=AttemptLogStore(session, retention=timedelta(
+                          seconds=config.attempt_log_retention_seconds)),
                       publisher=Publisher(producer, results.name, results.partitions)).start()
     unread = UnreadBacklog()
     intake = Intake(owner=owner, tasks=tasks, functions=functions, tenants=tenants,

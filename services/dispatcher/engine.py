@@ -7,7 +7,8 @@
 - `Adoption` takes a newly assigned partition's next epoch, adopts the attempts its last
   owner sent out (from the in-flight index) and loads its timers, before its records flow.
 - `Flusher` writes the owner's changes every few milliseconds — one INSERT per changed task,
-  the index rows grouped — then acknowledges records and publishes outcomes; it renews the
+  the index rows grouped, and beside them the logs of the attempts that ended (one INSERT
+  each, concurrent with the rest) — then acknowledges records and publishes outcomes; it renews the
   epochs' timestamp ranges and checks, before writing, that the epochs are still ours.
 - `TimerWheel` fires the owned partitions' timers when due.
 - `LimitSync` renews the owner's shares of cluster-wide dispatch limits at the router and
@@ -38,6 +39,7 @@ from weir.v1 import common_pb2, functions_pb2
 from libs import tracing
 from libs.batching import chunks_by_size
 from libs.cache import TtlCache
+from libs.cassandra.attempt_logs import AttemptLogWriter
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.owners import RANGE, Ownership, OwnershipLost, PartitionOwners
@@ -585,8 +587,10 @@ class Flusher:
 
     def __init__(self, *, owner: Owner, tasks: TaskStateStore, index: PartitionIndex,
                  owners: PartitionOwners, dead_letters: DeadLetterStore, parked: ParkedStore,
-                 timers: TimerWheel, publisher: Publisher, functions: Functions) -> None:
+                 timers: TimerWheel, publisher: Publisher, functions: Functions,
+                 attempt_logs: AttemptLogWriter | None = None) -> None:
         self._owner = owner
+        self._attempt_logs = attempt_logs
         self._functions = functions
         self._tasks = tasks
         self._index = index
@@ -700,6 +704,11 @@ class Flusher:
             self._parked.park(message)
         for stored in batch.dead_letters:
             self._dead_letters.put(stored, when=now_utc())
+        if self._attempt_logs is not None:
+            # Beside the tasks' writes, not after them: no extra round trip; stored before the
+            # executors hear their reports are durable (so they stop sending them again).
+            futures += [self._attempt_logs.write(log, timestamp=stamp)
+                        for log, stamp in batch.logs]
         for future in futures:
             future.result()
 

@@ -30,6 +30,7 @@ from weir.v1 import common_pb2, functions_pb2, tasks_pb2
 
 from libs import logs, tracing
 from libs.batching import BATCH_BYTES, chunks_by_size
+from libs.cassandra.attempt_logs import AttemptLogWrite
 from libs.cassandra.owners import Ownership, TimestampRange
 from libs.cassandra.partition_index import InflightEntry, Timer, minute_of, to_millis
 from libs.cassandra.taskstate import (
@@ -128,6 +129,7 @@ class Held:
     out_keys: list[LimitKey] = field(default_factory=list)  # counted out under these
     ready_ns: int = 0  # when it last became ready to go (wall clock, for its trace)
     span: Span | None = None  # the attempt out now, when the task's trace is sampled
+    logs: list[AttemptLogWrite] = field(default_factory=list)  # to write with the next flush
 
     @property
     def payload(self) -> bytes:
@@ -200,9 +202,11 @@ class FlushBatch:
     reports: list[tuple[Stream, str, PartitionId]] = field(default_factory=list)  # stored
     acks: list[RecordAck] = field(default_factory=list)  # records done once written
     epochs: dict[PartitionId, int] = field(default_factory=dict)  # the epochs it wrote under
+    # Attempts' captured output, each at the write timestamp of its task's write.
+    logs: list[tuple[AttemptLogWrite, int]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.writes or self.inflight or self.timers)
+        return bool(self.writes or self.inflight or self.timers or self.logs)
 
 
 class ReadyQueue:
@@ -826,6 +830,13 @@ class Owner:
         attempt.error_class = report.error_class
         if report.HasField("retry_delay"):
             attempt.requested_retry_delay.CopyFrom(report.retry_delay)
+        if report.log.text:  # stored beside the outcome, in the same flush
+            held.logs.append(AttemptLogWrite(
+                tenant_id=held.key.tenant_id, task_id=held.key.task_id,
+                attempt_number=attempt.attempt_number, text=report.log.text,
+                truncated=report.log.truncated,
+                original_bytes=report.log.original_bytes,
+                end_time=report.end_time.ToDatetime(tzinfo=UTC)))
         self._bring_back(report.attempt_id)
         held.reports.append((stream, report.attempt_id))
         self._finish_attempt(held, attempt, result=report.result, service=EXECUTOR)
@@ -1118,6 +1129,9 @@ class Owner:
                                   for stream, attempt_id in held.reports]
                 batch.acks += held.acks
                 held.reports, held.acks = [], []
+                if held.logs:
+                    batch.logs += [(log, stamp) for log in held.logs]
+                    held.logs = []
                 if held.timers:
                     batch.timers.setdefault(held.partition, []).extend(held.timers)
                     batch.timer_stamps[held.partition] = stamp

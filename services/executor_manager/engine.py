@@ -185,6 +185,8 @@ class Executor:
                     delay = Duration()
                     delay.FromTimedelta(result.retry_delay)
                     report.retry_delay.CopyFrom(delay)
+                if result.log is not None:
+                    report.log.CopyFrom(result.log)
                 self._unacked[result.attempt_id] = (report, time.monotonic())
                 self._queue_report(running, report)
                 if running.span is not None:

@@ -47,6 +47,7 @@ from weir.v1 import common_pb2, tasks_pb2, worker_pb2, worker_pb2_grpc
 from libs import logs
 from libs.config import WeirConfig
 from libs.healthcheck import is_serving
+from libs.sdk.capture import DEFAULT_MAX_BYTES as DEFAULT_LOG_MAX_BYTES, cap_text
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,6 +101,9 @@ class WorkerSandbox:
     max_processes: int  # RLIMIT_NPROC, processes and threads of the worker user
     user: str  # the worker user, when the executor-manager runs as root
     hidden_dirs: tuple[Path, ...] = ()  # secrets a worker must not see
+    # Each attempt's captured output (stdout, stderr, logging), in bytes of UTF-8: the
+    # worker's --log-max-bytes, and enforced again on what it sends (`checked_log`).
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
 
     @classmethod
     def of(cls, config: WeirConfig) -> WorkerSandbox:
@@ -108,6 +112,7 @@ class WorkerSandbox:
         return cls(handler_packages=config.handler_packages, memory_mb=config.worker_memory_mb,
                    cpu_seconds=config.worker_cpu_seconds, open_files=config.worker_open_files,
                    max_processes=config.worker_max_processes, user=config.worker_user,
+                   log_max_bytes=config.attempt_log_max_bytes,
                    hidden_dirs=(*(ROOT / d for d in SECRET_DIRS),
                                 credentials if credentials.is_absolute() else ROOT / credentials))
 
@@ -312,7 +317,8 @@ class WorkerProcess:
         command, env, cwd = self.sandbox.command(
             worker=["--address", self.address, "--handler-packages",
                     self.sandbox.handler_packages, "--slots", str(self.slots),
-                    "--parent-pid", str(os.getpid())],
+                    "--parent-pid", str(os.getpid()),
+                    "--log-max-bytes", str(self.sandbox.log_max_bytes)],
             home=self.home, view=self.view)
         self.process = process = subprocess.Popen(command, env=env, cwd=cwd,
                                                   stdin=subprocess.PIPE)
@@ -420,6 +426,7 @@ class AttemptResult:
     exit_reason: Exit = Exit.EXIT_REASON_RETURNED
     retry_delay: timedelta | None = None  # asked for by the handler
     traceback: str = ""  # the handler's, when it raised
+    log: worker_pb2.CapturedLog | None = None  # what the handler wrote, within the cap
 
     @property
     def succeeded(self) -> bool:
@@ -498,18 +505,34 @@ def time_of(timestamp: Any) -> datetime:
         microsecond=timestamp.nanos // 1000)
 
 
-def outcome_of(attempt_id: str, start_time: datetime | None, update: Any) -> AttemptResult:
+def checked_log(log: worker_pb2.CapturedLog, max_bytes: int) -> worker_pb2.CapturedLog | None:
+    """A worker's captured log, within ``max_bytes`` whatever the worker sent (it runs tenant
+    code): a longer text is cut again, head and tail. None when there is no text."""
+    if not log.text:
+        return None
+    size = len(log.text.encode("utf-8"))
+    if size <= max_bytes:
+        return worker_pb2.CapturedLog(text=log.text, truncated=log.truncated,
+                                      original_bytes=max(log.original_bytes, size))
+    cut = cap_text(log.text, max_bytes)
+    return worker_pb2.CapturedLog(text=cut.text, truncated=True,
+                                  original_bytes=max(log.original_bytes, size))
+
+
+def outcome_of(attempt_id: str, start_time: datetime | None, update: Any,
+               log_max_bytes: int = DEFAULT_LOG_MAX_BYTES) -> AttemptResult:
     """The result of an attempt from the worker's update that reports its end."""
     end_time = time_of(update.end_time)
+    log = checked_log(update.log, log_max_bytes) if update.HasField("log") else None
     if not update.HasField("error"):
-        return AttemptResult(attempt_id, start_time, end_time, result=update.result)
+        return AttemptResult(attempt_id, start_time, end_time, result=update.result, log=log)
     error = update.error
     return AttemptResult(
         attempt_id, start_time, end_time, status=error.status,
         error_class=error.error_class or ErrorClass.ERROR_CLASS_RETRYABLE,
         exit_reason=Exit.EXIT_REASON_RAISED,
         retry_delay=error.retry_delay.ToTimedelta() if error.HasField("retry_delay") else None,
-        traceback=error.traceback)
+        traceback=error.traceback, log=log)
 
 
 def stopped_result(spec: AttemptSpec, start_time: datetime | None, *, exit_reason: Exit,
@@ -928,7 +951,8 @@ class WorkerPool:
                     held.deadline = now + held.spec.timeout.total_seconds()
                     starts.append((held.spec.attempt_id, held.start_time))
                 if update.HasField("end_time"):
-                    results.append(outcome_of(held.spec.attempt_id, held.start_time, update))
+                    results.append(outcome_of(held.spec.attempt_id, held.start_time, update,
+                                              self._sandbox.log_max_bytes))
                     self._release(held)
             if results:
                 if link.state is LinkState.RETIRING and not link.held:

@@ -12,6 +12,7 @@ from weir.v1 import common_pb2
 
 from libs import service, tls
 from libs.cache import TtlCache
+from libs.cassandra.attempt_logs import AttemptLogStore
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.functions import FunctionStore
@@ -88,7 +89,7 @@ def start(config: WeirConfig) -> service.Started:
         busy_partition=BUSY_PARTITION).poll).start()
     control = TaskControl(tasks=tasks, listing=listing, dead_letters=dead_letters,
                           parked=ParkedStore(session), functions=functions, dedup=dedup,
-                          producer=producer)
+                          producer=producer, attempt_logs=AttemptLogStore(session))
     server = create_server(config, tenants=TenantStore(session), submitter=submitter,
                            control=control, functions=functions,
                            function_changed=function_cache.forget,

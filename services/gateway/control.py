@@ -17,6 +17,7 @@ from kafka.errors import KafkaError
 from weir.storage.v1 import records_pb2
 from weir.v1 import dead_letters_pb2, tasks_pb2
 
+from libs.cassandra.attempt_logs import AttemptLogStore
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.functions import FunctionStore
@@ -125,8 +126,10 @@ class TaskControl:
     def __init__(self, *, tasks: TaskStateStore, listing: TaskListing,
                  dead_letters: DeadLetterStore, parked: ParkedStore, functions: FunctionStore,
                  dedup: DedupStore, producer: Producer,
-                 cancel_wait_seconds: float = CANCEL_WAIT_SECONDS) -> None:
+                 cancel_wait_seconds: float = CANCEL_WAIT_SECONDS,
+                 attempt_logs: AttemptLogStore | None = None) -> None:
         self.tasks = tasks
+        self.attempt_logs = attempt_logs
         self._dedup = dedup
         self.listing = listing
         self._dead_letters = dead_letters
@@ -177,7 +180,8 @@ class TaskControl:
         return stored
 
     def delete(self, stored: StoredTask) -> bool:
-        """Deletes a task (cancelled first if unfinished), its dead letter and its listing.
+        """Deletes a task (cancelled first if unfinished), its dead letter, its attempt logs
+        and its listing.
 
         The deletion's timestamps are above any owner's, so it stands even when the owner
         has not ended the task yet."""
@@ -191,6 +195,8 @@ class TaskControl:
         # this ID meanwhile would be hidden by it, so the ID stays taken that long.
         self._dedup.hold(tenant_id, stored.spec.task.task_id, stored.spec.task.task_id,
                          at_least=DELETE_AHEAD)
+        if self.attempt_logs is not None:
+            self.attempt_logs.delete(tenant_id, stored.spec.task.task_id)
         self.tasks.delete(stored.key)
         self.listing.remove(stored.spec)
         return True

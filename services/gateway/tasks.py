@@ -14,10 +14,11 @@ from weir.v1 import operations_pb2, tasks_pb2, tasks_pb2_grpc
 
 from libs import tracing
 from libs.cassandra.taskstate import FINAL_STATES, StoredTask, TaskKey
-from libs.errors import InvalidArgument, NotFound, Unavailable
+from libs.errors import InvalidArgument, NotFound, Unavailable, Unimplemented
 from libs.pagetoken import PageTokens
 from services.gateway import validation
 from services.gateway.admission import Admission
+from services.gateway.attempt_logs import AttemptLogReader
 from services.gateway.auth import current_tenant
 from services.gateway.coalesce import Coalescer
 from services.gateway.control import ScanPosition, TaskControl, scan_tasks
@@ -52,6 +53,8 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         self._streams = streams
         self._tokens = tokens
         self._allow_private = allow_private_targets
+        self._attempt_logs = None if control.attempt_logs is None else AttemptLogReader(
+            logs=control.attempt_logs, task_of=self._get, tokens=tokens)
 
     def CreateTask(self, request: tasks_pb2.CreateTaskRequest, context: Context
                    ) -> tasks_pb2.Task:
@@ -137,6 +140,19 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         return self._operations.start(current_tenant.get(), new_operation(
             current_tenant.get(), kind, f"{method} {request.filter}", filter=request.filter,
             items_per_second=self._batch_rate), request_id=request.request_id)
+
+    def GetAttemptLog(self, request: tasks_pb2.GetAttemptLogRequest, context: Context
+                      ) -> tasks_pb2.AttemptLog:
+        return self._logs().get(current_tenant.get(), request)
+
+    def ListAttemptLogs(self, request: tasks_pb2.ListAttemptLogsRequest, context: Context
+                        ) -> tasks_pb2.ListAttemptLogsResponse:
+        return self._logs().list(current_tenant.get(), request)
+
+    def _logs(self) -> AttemptLogReader:
+        if self._attempt_logs is None:
+            raise Unimplemented("this gateway serves no attempt logs")
+        return self._attempt_logs
 
     def _get(self, task_id: str, *, history: bool = False) -> StoredTask:
         """The caller's task; ``history`` reads its timeline and attempts too."""

@@ -8,7 +8,7 @@ from datetime import timedelta
 from libs.cassandra.dedup import DedupStore
 from libs.cassandra.migrate import applied_version, load_versions, migrate
 from libs.cassandra.tenants import TenantStore, hash_api_key
-from tests.helpers import unique
+from tests.helpers import eventually, unique
 
 
 def test_migrations_record_the_version_and_a_second_run_applies_nothing(suite_config, cassandra):
@@ -69,3 +69,39 @@ def test_a_claim_expires_with_its_window(cassandra):
     ttl = cassandra.execute("SELECT TTL(task_id) AS ttl FROM dedup_keys "
                             "WHERE tenant_id = %s AND dedup_key = 'k'", (tenant,)).one().ttl
     assert 0 < ttl <= 60
+
+
+def test_attempt_logs_are_read_back_listed_in_order_deleted_and_expire(cassandra):
+    from datetime import UTC, datetime
+
+    from libs.cassandra.attempt_logs import AttemptLogStore, AttemptLogWrite
+    from libs.cassandra.taskstate import micros
+
+    tenant, task = unique("t"), "task-1"
+    store = AttemptLogStore(cassandra, retention=timedelta(days=1))
+    ended = datetime.now(UTC).replace(microsecond=123000)
+    stamp = micros(datetime.now(UTC))
+    for number in (3, 1):  # the clustering order, not the writing order, is the listing's
+        store.write(AttemptLogWrite(tenant, task, number, f"attempt {number} é\n", number == 3,
+                                    100 * number, ended), timestamp=stamp).result()
+    first = store.get(tenant, task, 1)
+    assert first is not None and first.text == "attempt 1 é\n" and not first.truncated
+    assert first.original_bytes == 100 and first.end_time == ended
+    assert first.expire_time is not None and \
+        timedelta(hours=23) < first.expire_time - datetime.now(UTC) <= timedelta(days=1)
+    assert store.get(tenant, task, 2) is None and store.get(unique("other"), task, 1) is None
+    assert [log.attempt_number for log in store.list(tenant, task, start=1, limit=10)] == [1, 3]
+    assert [log.attempt_number for log in store.list(tenant, task, start=2, limit=10)] == [3]
+    store.delete(tenant, task)
+    assert list(store.list(tenant, task, start=1, limit=10)) == []
+    # A write after the deletion, at an owner's timestamp, stays deleted (DELETE_AHEAD).
+    store.write(AttemptLogWrite(tenant, task, 4, "late", False, 4, ended),
+                timestamp=micros(datetime.now(UTC))).result()
+    assert store.get(tenant, task, 4) is None
+
+    short = AttemptLogStore(cassandra, retention=timedelta(seconds=1))
+    short.write(AttemptLogWrite(tenant, "task-2", 1, "brief", False, 5, ended),
+                timestamp=micros(datetime.now(UTC))).result()
+    assert short.get(tenant, "task-2", 1) is not None
+    eventually(lambda: short.get(tenant, "task-2", 1) is None, timeout=10,
+               message="the log's TTL ended")

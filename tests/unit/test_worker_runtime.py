@@ -95,11 +95,12 @@ def test_an_outbox_sends_a_quick_attempts_start_and_end_as_one_update():
     outbox.started("a", 10)
     outbox.ended("a", 10, 20, b"out")
     outbox.started("b", 15)
-    assert outbox.take() == {"a": [10, 20, b"out", None], "b": [15, 0, b"", None]}
+    assert outbox.take() == {"a": [10, 20, b"out", None, None],
+                             "b": [15, 0, b"", None, None]}
     error = worker_pb2.HandlerError(error_class=ErrorClass.ERROR_CLASS_RETRYABLE)
     outbox.ended("b", 15, 30, error)
     outbox.close()
-    assert outbox.take() == {"b": [15, 30, b"", error]}
+    assert outbox.take() == {"b": [15, 30, b"", error, None]}
     assert outbox.take() is None  # half-closed and nothing held: the stream ends
 
 
@@ -119,13 +120,13 @@ def test_a_half_closed_stream_ends_only_once_its_attempts_are_reported():
     outbox.accept(["a"])
     outbox.close()
     outbox.started("a", 1)
-    assert outbox.take() == {"a": [1, 0, b"", None]}
+    assert outbox.take() == {"a": [1, 0, b"", None, None]}
     taken: list[object] = []
     taker = threading.Thread(target=lambda: taken.append(outbox.take()))
     taker.start()
     outbox.ended("a", 1, 2, b"done")
     taker.join(10)
-    assert taken == [{"a": [1, 2, b"done", None]}]
+    assert taken == [{"a": [1, 2, b"done", None, None]}]
     assert outbox.take() is None
 
 
@@ -133,9 +134,9 @@ def test_updates_become_messages_split_by_size_with_times_and_outcomes(monkeypat
     monkeypatch.setattr(worker, "BATCH_BYTES", 10)
     error = worker_pb2.HandlerError(error_class=ErrorClass.ERROR_CLASS_NON_RETRYABLE)
     messages = list(responses({
-        "a": [1_500_000_000_123_456_789, 1_500_000_001_000_000_000, b"x" * 11, None],
-        "b": [1_500_000_000_000_000_000, 0, b"", None],
-        "c": [1_500_000_000_000_000_000, 1_500_000_000_000_000_001, b"", error]}))
+        "a": [1_500_000_000_123_456_789, 1_500_000_001_000_000_000, b"x" * 11, None, None],
+        "b": [1_500_000_000_000_000_000, 0, b"", None, None],
+        "c": [1_500_000_000_000_000_000, 1_500_000_000_000_000_001, b"", error, None]}))
     assert [[u.attempt_id for u in m.updates] for m in messages] == [["a"], ["b", "c"]]
     a, b, c = (u for m in messages for u in m.updates)
     assert (a.start_time.seconds, a.start_time.nanos) == (1_500_000_000, 123_456_789)
