@@ -69,6 +69,7 @@ run: bootstrap ## Start the whole suite and a demo tenant.
 	@echo
 	@echo "Weir is up. Gateway: $(GATEWAY)   demo API key: .weir/demo-api-key"
 	@echo "  $(TOOLS)/grpcurl -plaintext $(GATEWAY) list"
+	@echo "Prometheus metrics: each service's 'metrics on' address above (docs/metrics.md)"
 	@echo "Logs: .var/log/   Stop everything: make stop"
 
 stop: ## Stop the services, then Kafka and Cassandra.
