@@ -128,6 +128,14 @@ def test_count_adds_a_batch_with_one_increment_per_pair():
     assert value(registry, "weir_batch_total", tenant="t", function="g") == 1
 
 
+def fetch(url: str, context: ssl.SSLContext | None = None) -> str:
+    """GET ``url`` directly (never through a proxy the environment names)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=context))
+    with opener.open(url, timeout=10) as response:
+        return response.read().decode()
+
+
 # --- the endpoint ----------------------------------------------------------------------------
 
 def test_serve_answers_prometheus_text_on_the_internal_host_and_port_zero_picks_one():
@@ -138,8 +146,7 @@ def test_serve_answers_prometheus_text_on_the_internal_host_and_port_zero_picks_
     assert exporter is not None
     try:
         assert exporter.port > 0
-        with urllib.request.urlopen(f"http://127.0.0.1:{exporter.port}/metrics") as response:
-            text = response.read().decode()
+        text = fetch(f"http://127.0.0.1:{exporter.port}/metrics")
         [family] = text_string_to_metric_families(text)
         assert (family.name, family.type, family.samples[0].value) == (
             "weir_test_things", "gauge", 7)
@@ -174,13 +181,11 @@ def test_with_tls_metrics_go_only_to_holders_of_a_deployment_certificate(tmp_pat
         return context
 
     try:
-        with urllib.request.urlopen(url, context=client("operator"), timeout=10) as response:
-            assert "weir_test_things 1.0" in response.read().decode()
+        assert "weir_test_things 1.0" in fetch(url, client("operator"))
         with pytest.raises(OSError):  # refused in the handshake: an SSL or a URL error
-            urllib.request.urlopen(url, context=client(None), timeout=10).read()
+            fetch(url, client(None))
         with pytest.raises(OSError):  # nor in plain HTTP
-            urllib.request.urlopen(f"http://127.0.0.1:{exporter.port}/metrics",
-                                   timeout=10).read()
+            fetch(f"http://127.0.0.1:{exporter.port}/metrics")
     finally:
         exporter.stop()
 
