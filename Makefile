@@ -73,7 +73,9 @@ run: bootstrap ## Start the whole suite and a demo tenant.
 	@echo
 	@echo "Weir is up. Gateway: $(GATEWAY)   demo API key: .weir/demo-api-key"
 	@echo "  $(TOOLS)/grpcurl -plaintext $(GATEWAY) list"
-	@echo "Traces: http://127.0.0.1:$(or $(WEIR_JAEGER_UI_PORT),16686) (Jaeger)   Logs: .var/log/   Stop everything: make stop"
+	@echo "Traces: http://127.0.0.1:$(or $(WEIR_JAEGER_UI_PORT),16686)/api (Jaeger; docs/observability.md)"
+	@echo "Prometheus metrics: each service's 'metrics on' address above (docs/metrics.md)"
+	@echo "Logs: .var/log/   Stop everything: make stop"
 
 stop: ## Stop the services, then Kafka, Cassandra and Jaeger.
 	-deploy/local/services.sh stop

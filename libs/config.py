@@ -94,6 +94,29 @@ class WeirConfig:
                                          rule="0..65535")
     notifier_port: int = setting(50055, "Notifier port.", check=_port, rule="0..65535")
 
+    # Prometheus metrics: plain HTTP on the internal bind host (docs/metrics.md).
+    metrics_enabled: bool = setting(
+        True, "Serve Prometheus metrics (each service on its *_metrics_port, on "
+        "internal_bind_host).")
+    metrics_tls: bool = setting(
+        False, "Serve metrics over HTTPS with the service's certificate, only to clients "
+        "with a certificate of the deployment CA (e.g. the operator's): set it when "
+        "internal_bind_host is more than loopback.")
+    gateway_metrics_port: int = setting(9464, "Gateway metrics port (0: a free port).",
+                                        check=_port, rule="0..65535")
+    router_metrics_port: int = setting(9465, "Router metrics port (0: a free port).",
+                                       check=_port, rule="0..65535")
+    dispatcher_metrics_port: int = setting(9466, "Dispatcher metrics port (0: a free port).",
+                                           check=_port, rule="0..65535")
+    executor_manager_metrics_port: int = setting(
+        9467, "Executor-manager metrics port (0: a free port).", check=_port, rule="0..65535")
+    notifier_metrics_port: int = setting(9468, "Notifier metrics port (0: a free port).",
+                                         check=_port, rule="0..65535")
+    metrics_max_tenant_labels: int = setting(
+        200, "Distinct (tenant, function) label pairs a process gives metrics, first come; "
+        "later pairs are counted under tenant=\"other\", function=\"other\".",
+        check=lambda v: v >= 0, rule=">= 0")
+
     router_address: str = setting(
         "127.0.0.1:50052", "Where gateways and dispatchers reach the router (one router: it "
         "holds the dispatchers' shares of the cluster-wide limits).")
@@ -222,6 +245,10 @@ class WeirConfig:
         """The configured port of a service by its package name (e.g. ``executor_manager``)."""
         return getattr(self, f"{service}_port")
 
+    def metrics_port_of(self, service: str) -> int:
+        """The configured metrics port of a service by its package name."""
+        return getattr(self, f"{service}_metrics_port")
+
     @property
     def cassandra_contact_points(self) -> list[str]:
         return [h.strip() for h in self.cassandra_hosts.split(",") if h.strip()]
@@ -276,9 +303,11 @@ def load(env: Mapping[str, str] | None = None, **overrides: Any) -> WeirConfig:
 def describe(config: WeirConfig) -> str:
     """A table of every setting with its current value and description."""
     lines = []
+    width = max(len(ENV_PREFIX + f.name) for f in dataclasses.fields(WeirConfig))
     for f in dataclasses.fields(WeirConfig):
         key = ENV_PREFIX + f.name.upper()
-        lines.append(f"{key:<32} {getattr(config, f.name)!s:<18} {f.metadata['description']}")
+        lines.append(f"{key:<{width}} {getattr(config, f.name)!s:<18} "
+                     f"{f.metadata['description']}")
     return "\n".join(lines)
 
 

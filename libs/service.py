@@ -1,4 +1,5 @@
-"""The process around a service: config, logs, server, signals. Each ``__main__`` calls `run`."""
+"""The process around a service: config, logs, metrics, server, signals. Each ``__main__``
+calls `run`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from libs import config as weir_config, logs, tls, tracing
+from libs import config as weir_config, logs, metrics, tls, tracing
 from libs.grpcserver import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,26 @@ def run(service: str, start: Callable[[weir_config.WeirConfig], Started]) -> Non
         sys.exit(2)
     logs.setup(service, config.log_level)
     tracing.setup(service, config)
+    # Before the service starts: whatever serves gRPC serves its metrics too, and the
+    # families the service registers as it starts are there from its first scrape.
+    try:
+        exporter = metrics.serve(config, service)
+    except tls.MissingCredentials as exc:
+        print(f"{service}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        print(f"{service}: cannot serve metrics on {config.internal_bind_host}:"
+              f"{metrics.port_of(config, service)} ({exc}); set "
+              f"WEIR_{service.replace('-', '_').upper()}_METRICS_PORT or "
+              "WEIR_METRICS_ENABLED=false", file=sys.stderr)
+        sys.exit(2)
     try:
         started = start(config)
     except tls.MissingCredentials as exc:
         print(f"{service}: {exc}", file=sys.stderr)
         sys.exit(2)
     log.info("serving", extra={"port": started.server.port,
+                               "metrics_port": exporter.port if exporter else None,
                                "services": started.server.names})
     try:
         started.server.serve_until_signalled(grace_seconds=config.shutdown_grace_seconds,
@@ -54,4 +69,6 @@ def run(service: str, start: Callable[[weir_config.WeirConfig], Started]) -> Non
     finally:
         started.close()
         tracing.shutdown()
+        if exporter is not None:
+            exporter.stop()
     sys.exit(started.exit_code)

@@ -7,10 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from libs import tls
 from libs.config import WeirConfig
@@ -33,6 +36,7 @@ class RunningService:
     address: str
     process: subprocess.Popen
     log_path: Path
+    metrics_address: str = ""
 
 
 JAEGER_OTLP = f"127.0.0.1:{os.environ.get('WEIR_JAEGER_OTLP_PORT', '4317')}"
@@ -49,6 +53,7 @@ class Suite:
     services: dict[str, RunningService] = field(default_factory=dict)
 
     ports: dict[str, int] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     def env(self, **overrides: str) -> dict[str, str]:
         """The environment of the suite's services: the session's keyspace and topics, short
@@ -61,6 +66,9 @@ class Suite:
                "WEIR_SHUTDOWN_GRACE_SECONDS": "2", "WEIR_LEASE_SECONDS": "3",
                "WEIR_SWEEP_INTERVAL_SECONDS": "0.5", "WEIR_UNQUEUED_GRACE_SECONDS": "1",
                "WEIR_OPERATION_SILENT_SECONDS": "2", "WEIR_WEBHOOK_ALLOW_PRIVATE": "true",
+               # Every test makes tenants of its own: all keep their labels, so a test can
+               # read its own series (the cap itself is tested on a gateway of its own).
+               "WEIR_METRICS_MAX_TENANT_LABELS": "100000",
                "WEIR_ROUTER_ADDRESS": address["router"],
                "WEIR_DISPATCHER_ADDRESSES": address["dispatcher"],
                "WEIR_NOTIFIER_ADDRESS": address["notifier"],
@@ -68,12 +76,15 @@ class Suite:
                # The session's Jaeger (engines.sh), at the default sampling ratio.
                "WEIR_OTLP_ENDPOINT": JAEGER_OTLP}
         env.update({f"WEIR_{name.upper()}_PORT": str(port) for name, port in self.ports.items()})
+        env.update({f"WEIR_{name.upper()}_METRICS_PORT": str(port)
+                    for name, port in self.metrics_ports.items()})
         env.update(overrides)
         return env
 
     def start(self) -> None:
         tls.init(self.credentials_dir)
         self.ports = {name: free_port() for name in SERVICES}
+        self.metrics_ports = {name: free_port() for name in SERVICES}
         for name in SERVICES:
             self.launch(name)
         for name in SERVICES:
@@ -85,12 +96,15 @@ class Suite:
         log_path = self.log_dir / f"{name}.log"
         if module:
             self.ports.setdefault(name, free_port())
-            env = {f"WEIR_{module.upper()}_PORT": str(self.ports[name]), **env}
+            self.metrics_ports.setdefault(name, free_port())
+            env = {f"WEIR_{module.upper()}_PORT": str(self.ports[name]),
+                   f"WEIR_{module.upper()}_METRICS_PORT": str(self.metrics_ports[name]), **env}
         process = subprocess.Popen([sys.executable, "-m", f"services.{module or name}"],
                                    cwd=ROOT, env=self.env(**env), stdout=log_path.open("ab"),
                                    stderr=subprocess.STDOUT)
-        self.services[name] = RunningService(name, module or name,
-                                             f"127.0.0.1:{self.ports[name]}", process, log_path)
+        self.services[name] = RunningService(
+            name, module or name, f"127.0.0.1:{self.ports[name]}", process, log_path,
+            f"127.0.0.1:{self.metrics_ports[name]}")
 
     def wait_serving(self, name: str, timeout: float = 60) -> None:
         service = self.services[name]
@@ -148,6 +162,25 @@ class Suite:
 
     def address(self, name: str) -> str:
         return self.services[name].address
+
+    def metrics_text(self, name: str) -> str:
+        """A service's /metrics, as Prometheus scrapes it."""
+        url = f"http://{self.services[name].metrics_address}/metrics"
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no *_proxy
+        with direct.open(url, timeout=10) as response:
+            return response.read().decode()
+
+    def metrics(self, name: str) -> dict[str, list[Sample]]:
+        """A service's metrics, parsed: each family's samples by family name."""
+        return {family.name: family.samples
+                for family in text_string_to_metric_families(self.metrics_text(name))}
+
+    def sample(self, name: str, sample: str, **labels: str) -> float:
+        """The sum of a service's samples named ``sample`` whose labels include ``labels``
+        (0 when there are none): e.g. ``sample("dispatcher", "weir_tasks_succeeded_total",
+        tenant=tenant_id)``."""
+        return sum(s.value for samples in self.metrics(name).values() for s in samples
+                   if s.name == sample and labels.items() <= s.labels.items())
 
     def credentials(self, identity: str) -> tls.Credentials:
         """The deployment credentials of an identity (``operator``, ``dispatcher``…)."""

@@ -2,6 +2,8 @@
 # Starts and stops the five Weir services as background processes on this machine.
 #   services.sh start | stop | status
 # Logs: .var/log/<service>.log (JSON lines). Pids: .var/run/<service>.pid.
+# Each service also serves Prometheus metrics over HTTP (WEIR_<SERVICE>_METRICS_PORT, 9464-9468;
+# docs/metrics.md): `start` prints where.
 # Settings come from the environment (WEIR_*), see `python -m libs.config`.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -14,6 +16,12 @@ mkdir -p "$RUN" "$LOG"
 export WEIR_OTLP_ENDPOINT=${WEIR_OTLP_ENDPOINT-127.0.0.1:${WEIR_JAEGER_OTLP_PORT:-4317}}
 
 port_of() { "$PY" -c "from libs import config; print(config.load().port_of('$1'))"; }
+# Where a service's metrics are, or that it serves none.
+metrics_of() {
+  "$PY" -c "from libs import config; c = config.load(); print(
+    f'metrics on http://{c.internal_bind_host}:{c.metrics_port_of(\"$1\")}/metrics'
+    if c.metrics_enabled else 'no metrics (WEIR_METRICS_ENABLED=false)')"
+}
 # Internal services answer only mutual TLS: their health is checked as the operator.
 peer_of() { [[ $1 == gateway ]] || echo "--peer ${1//_/-}"; }
 alive() { [[ -f "$RUN/$1.pid" ]] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
@@ -34,7 +42,7 @@ start() {
       tail -n 20 "$LOG/$s.log" >&2
       exit 1
     fi
-    echo "$s: serving on 127.0.0.1:$port (pid $(cat "$RUN/$s.pid"))"
+    echo "$s: serving on 127.0.0.1:$port, $(metrics_of "$s") (pid $(cat "$RUN/$s.pid"))"
   done
 }
 

@@ -19,6 +19,7 @@ from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from libs.kafka.client import Consumer, ConsumerLoop, Producer
 from libs.kafka.topics import PRIORITY_TIERS, results_topic, task_topic, weir_topics
+from libs.metrics import TenantLabels
 from libs.periodic import Periodic
 from services.dispatcher.engine import (
     PACE_EVERY_SECONDS,
@@ -33,6 +34,7 @@ from services.dispatcher.engine import (
     TimerWheel,
     UnreadBacklog,
 )
+from services.dispatcher.metrics import DispatcherMetrics
 from services.dispatcher.owner import Owner
 from services.dispatcher.server import create_server
 
@@ -46,10 +48,11 @@ def start(config: WeirConfig) -> service.Started:
     functions = Functions(FunctionStore(session))
     tenants = TenantLimits(TenantStore(session))
     owner_name = f"dispatcher-{config.advertise_host}-{os.getpid()}"
+    metrics = DispatcherMetrics(labels=TenantLabels(config.metrics_max_tenant_labels))
     owner = Owner(lease=lease, dispatcher_id=owner_name, functions=functions.now,
                   tenant_limits=tenants.now,
                   shares={Priority.PRIORITY_NORMAL: config.normal_min_share,
-                          Priority.PRIORITY_LOW: config.low_min_share})
+                          Priority.PRIORITY_LOW: config.low_min_share}, metrics=metrics)
     server = create_server(config, owner=owner)
     results = next(t for t in weir_topics(config) if t.name == results_topic(config.topic_prefix))
     timers = TimerWheel(owner=owner, index=index, tasks=tasks, owners=owners,
@@ -59,8 +62,11 @@ def start(config: WeirConfig) -> service.Started:
                       timers=timers, functions=functions,
                       attempt_logs=AttemptLogStore(session, retention=timedelta(
                           seconds=config.attempt_log_retention_seconds)),
-                      publisher=Publisher(producer, results.name, results.partitions)).start()
+                      publisher=Publisher(producer, results.name, results.partitions),
+                      metrics=metrics).start()
     unread = UnreadBacklog()
+    metrics.watch(owner=owner, unread=unread, priorities={
+        task_topic(config.topic_prefix, tier): tier for tier in PRIORITY_TIERS})
     intake = Intake(owner=owner, tasks=tasks, functions=functions, tenants=tenants,
                     unread=unread)
     partitions = PartitionConsumer(owner=owner, intake=intake, unread=unread)

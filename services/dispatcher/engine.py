@@ -49,6 +49,7 @@ from libs.cassandra.taskstate import StoredTask, TaskKey, TaskStateStore, now_ut
 from libs.cassandra.tenants import TenantStore
 from libs.kafka.client import Consumer, Message, Producer, Record
 from libs.taskqueue import MAX_RECORD_BYTES, records_by_partition
+from services.dispatcher.metrics import DispatcherMetrics
 from services.dispatcher.owner import HELD, FlushBatch, Owner, PartitionId, RecordAck
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,11 @@ class UnreadBacklog:
             for partition in set(self._mix) - set(unread):
                 del self._mix[partition]  # no longer ours
                 self._per_record.pop(partition, None)
+
+    def records(self) -> dict[PartitionId, int]:
+        """Unread records per owned partition, as last counted (zeros included)."""
+        with self._lock:
+            return dict(self._unread)
 
     def by_partition(self) -> dict[PartitionId, int]:
         with self._lock:
@@ -588,9 +594,11 @@ class Flusher:
     def __init__(self, *, owner: Owner, tasks: TaskStateStore, index: PartitionIndex,
                  owners: PartitionOwners, dead_letters: DeadLetterStore, parked: ParkedStore,
                  timers: TimerWheel, publisher: Publisher, functions: Functions,
-                 attempt_logs: AttemptLogWriter | None = None) -> None:
+                 attempt_logs: AttemptLogWriter | None = None,
+                 metrics: DispatcherMetrics | None = None) -> None:
         self._owner = owner
         self._attempt_logs = attempt_logs
+        self._metrics = metrics
         self._functions = functions
         self._tasks = tasks
         self._index = index
@@ -684,6 +692,12 @@ class Flusher:
                     log.warning("could not check our epochs; trying again", exc_info=True)
         outcomes = self._owner.flushed(batch)
         _trace_write(outcomes, write_ns, len(batch.writes))
+        if self._metrics is not None:  # here, off the owner's lock, once per batch
+            try:
+                self._metrics.outcomes(outcomes)
+                self._metrics.dead_lettered(batch.dead_letters)
+            except Exception:  # never at the cost of publishing them
+                log.exception("could not count a flush's outcomes")
         for partition, timers in batch.timers.items():
             self._timers.add(partition, timers)
         if batch.parked:  # after `flushed`: a task queued again must find none held

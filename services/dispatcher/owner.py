@@ -45,6 +45,7 @@ from libs.cassandra.taskstate import (
 from libs.kafka.acks import Countdown
 from libs.retry import RetryPolicy, decide
 from services.dispatcher.limits import Limiter, LimitKey, tier_quotas
+from services.dispatcher.metrics import DispatcherMetrics
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Held:
     state: State
     status: records_pb2.TaskStatus
     floor: int  # microseconds: every write of it comes after its creation
+    due: float = 0.0  # wall-clock seconds: since when it waits to run (its queue time)
     history: records_pb2.TaskHistory = field(default_factory=records_pb2.TaskHistory)
     dirty: bool = False
     result: bytes | None = None
@@ -364,8 +366,8 @@ class Owner:
                  clock: Callable[[], float] = time.monotonic,
                  functions: FunctionsNow | None = None,
                  shares: Mapping[int, float] | None = None,
-                 tenant_limits: Callable[[str], common_pb2.RateLimits | None] | None = None
-                 ) -> None:
+                 tenant_limits: Callable[[str], common_pb2.RateLimits | None] | None = None,
+                 metrics: DispatcherMetrics | None = None) -> None:
         self._lease = lease
         # A tenant's limits over all its functions, as cached now (never waiting on a read).
         self._tenant_limits = tenant_limits or (lambda tenant_id: None)
@@ -388,6 +390,7 @@ class Owner:
         self._streams: dict[int, Stream] = {}
         self._attempt_ids = itertools.count(1)
         self._wake_flusher: Callable[[], None] = lambda: None
+        self._metrics = metrics
 
     def on_dirty(self, wake: Callable[[], None]) -> None:
         self._wake_flusher = wake
@@ -500,7 +503,8 @@ class Owner:
         created = micros(message.create_time.ToDatetime(tzinfo=UTC)) \
             if message.HasField("create_time") else 0
         held = Held(key=key, partition=partition, message=message, function=function,
-                    state=state, status=status or records_pb2.TaskStatus(), floor=created)
+                    state=state, status=status or records_pb2.TaskStatus(), floor=created,
+                    due=created / 1e6 if created else time.time())
         if stored is not None:
             held.earlier = stored.attempts()  # a dead letter carries every attempt
         self._held[key] = held
@@ -637,6 +641,7 @@ class Owner:
         if message.HasField("payload_override"):
             held.message.payload = message.payload_override
         held.acks.append(ack)
+        held.due = time.time()
         self._stage(held, State.TASK_STATE_QUEUED, "re-driven from the dead letters")
         held.dirty = True
         self._dirty[key] = held
@@ -736,6 +741,7 @@ class Owner:
             if stored.payload_override is not None:
                 held.message.payload = stored.payload_override
             held.status.ClearField("next_run_time")
+            held.due = due.timestamp()  # its delayed start's or its retry's
             self._stage(held, State.TASK_STATE_QUEUED, "due")
             held.dirty = True
             self._dirty[key] = held
@@ -944,6 +950,11 @@ class Owner:
         with self._lock:
             return self._ready.waiting()
 
+    def out(self) -> int:
+        """Attempts out at executors (dispatched or running)."""
+        with self._lock:
+            return len(self._attempts)
+
     def limits_wanted(self) -> bool:
         """Whether the router should hear from this dispatcher now: a limited function waits
         for its first share, or a share shrank or has nothing left to pace."""
@@ -1069,6 +1080,9 @@ class Owner:
             lower = held.message.priority != HIGH
             stream.below_high = min(stream.credits, max(0, stream.below_high - lower))
         stream.wake()
+        if self._metrics is not None:
+            self._metrics.dispatched(held.key.tenant_id, held.message.function,
+                                     time.time() - held.due)
 
     # --- changes and flushing --------------------------------------------------------------
 

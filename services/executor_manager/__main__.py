@@ -6,6 +6,7 @@ from pathlib import Path
 
 from libs import service, tls
 from libs.config import WeirConfig
+from services.executor_manager import metrics
 from services.executor_manager.engine import Executor
 from services.executor_manager.pool import WorkerPool, WorkerSandbox
 from services.executor_manager.server import create_server
@@ -30,6 +31,7 @@ def start(config: WeirConfig) -> service.Started:
     executor = Executor(executor_id="", pool=pool, lease=lease)
     executor_box.append(executor)
     pool.start()
+    metrics.watch(pool)
     server = create_server(config, executor=executor)
     executor.executor_id = config.executor_id or f"{config.advertise_host}:{server.port}"
     executor.connect([a.strip() for a in config.dispatcher_addresses.split(",") if a.strip()],

@@ -723,6 +723,12 @@ class WorkerPool:
             return len(self._held)
 
     @property
+    def busy_slots(self) -> int:
+        """Slots taken: attempts sent to a worker and not yet reported."""
+        with self._lock:
+            return len(self._held) - len(self._waiting)
+
+    @property
     def queued(self) -> int:
         """Attempts waiting for a slot."""
         with self._lock:

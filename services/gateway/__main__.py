@@ -26,10 +26,12 @@ from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from libs.errors import NotFound, Unavailable
 from libs.kafka.client import Producer
+from libs.metrics import TenantLabels
 from libs.periodic import Periodic
 from services.gateway.admission import BACKLOG_POLL_SECONDS, Admission, BacklogPoller
 from services.gateway.control import TaskControl
 from services.gateway.engine import BUSY_PARTITION, FUNCTION_CACHE_SECONDS, Submitter
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.operations import OperationRunner, OperationStarter
 from services.gateway.server import create_server
 from services.gateway.sweeper import SubmissionSweeper
@@ -83,7 +85,9 @@ def start(config: WeirConfig) -> service.Started:
     function_cache = TtlCache(functions.get, ttl=FUNCTION_CACHE_SECONDS)
     submitter = Submitter(tasks=tasks, listing=listing, submissions=submissions,
                           functions=function_cache, dedup=dedup, route=route, producer=producer,
-                          crash_after_store=config.fault == "gateway.crash_after_store")
+                          crash_after_store=config.fault == "gateway.crash_after_store",
+                          metrics=GatewayMetrics(
+                              labels=TenantLabels(config.metrics_max_tenant_labels)))
     backlog_poll = Periodic("backlog", BACKLOG_POLL_SECONDS, BacklogPoller(
         router=router, admission=admission, on_routes=submitter.routing_changed,
         busy_partition=BUSY_PARTITION).poll).start()

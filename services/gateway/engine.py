@@ -34,6 +34,7 @@ from libs.cassandra.taskstate import (
 from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from libs.kafka.client import Producer
 from libs.taskqueue import message_of, records_by_partition
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.validation import UNLIMITED_RULE, unlimited_without_end
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,8 @@ class Submitter:
     def __init__(self, *, tasks: TaskStateStore, listing: TaskListing,
                  submissions: SubmissionStore, functions: TtlCache, dedup: DedupStore,
                  route: Callable[[str, str, common_pb2.Priority], router_pb2.Route],
-                 producer: Producer, crash_after_store: bool = False) -> None:
+                 producer: Producer, crash_after_store: bool = False,
+                 metrics: GatewayMetrics | None = None) -> None:
         self._tasks = tasks
         self._listing = listing
         self._submissions = submissions
@@ -96,6 +98,7 @@ class Submitter:
         self._busy: Mapping[tuple[str, int], int] = {}
         self._producer = producer
         self._crash_after_store = crash_after_store
+        self._metrics = metrics
 
     def routing_changed(self, generation: int, busy: Mapping[tuple[str, int], int]) -> None:
         """The router's routes generation (a change drops the cached routes: a tenant moved)
@@ -217,6 +220,8 @@ class Submitter:
                 self._dedup.release(tenant, key, key)
             _end_spans(spans, traced, "cassandra.store", stored_ns, error=str(exc))
             raise Unavailable(f"could not store the tasks: {exc}") from exc
+        if self._metrics is not None:
+            self._metrics.accepted(specs)  # stored: they run, whatever happens next
         if self._crash_after_store:
             os._exit(17)  # fault injection for tests: die between store and produce
         produced_ns = time.time_ns()

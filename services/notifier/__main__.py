@@ -9,6 +9,7 @@ from libs.config import WeirConfig
 from libs.kafka.client import Consumer
 from libs.kafka.topics import results_topic
 from services.notifier.engine import DeliveryStore, Notifier, WebhookSender
+from services.notifier.metrics import NotifierMetrics
 from services.notifier.server import create_server
 from services.notifier.watch import Watchers
 
@@ -19,7 +20,8 @@ def start(config: WeirConfig) -> service.Started:
     watchers = Watchers()
     sender = WebhookSender(deliveries=DeliveryStore(session),
                            timeout_seconds=config.webhook_timeout_seconds,
-                           allow_private=config.webhook_allow_private).start()
+                           allow_private=config.webhook_allow_private,
+                           metrics=NotifierMetrics()).start()
     consumer = Consumer(bootstrap=config.kafka_bootstrap,
                         group_id=f"{config.topic_prefix}-notifiers", client_id="notifier",
                         topics=[results_topic(config.topic_prefix)])

@@ -28,6 +28,7 @@ from libs.errors import excerpt
 from libs.kafka.acks import Countdown
 from libs.kafka.client import Consumer, ConsumerLoop, Message
 from libs.schedule import Schedule
+from services.notifier.metrics import NotifierMetrics
 from services.notifier.watch import Watchers
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,10 @@ class WebhookSender:
     def __init__(self, *, deliveries: DeliveryStore, timeout_seconds: float,
                  allow_private: bool = False, max_attempts: int = 8,
                  first_backoff: timedelta = timedelta(milliseconds=200),
-                 max_backoff: timedelta = timedelta(minutes=5), threads: int = 16) -> None:
+                 max_backoff: timedelta = timedelta(minutes=5), threads: int = 16,
+                 metrics: NotifierMetrics | None = None) -> None:
         self._deliveries = deliveries
+        self._metrics = metrics
         self._timeout = timeout_seconds
         self._allow_private = allow_private
         self._max_attempts = max_attempts
@@ -125,7 +128,8 @@ class WebhookSender:
                done: Callable[[], None]) -> None:
         """Records a target that is not even attempted as FAILED with ``error``."""
         delivery = Delivery(time.monotonic(), tenant_id, task_id, target, {}, b"", done=done)
-        self._schedule.at(delivery.due, lambda: self._give_up(delivery, error))
+        self._schedule.at(delivery.due, lambda: self._give_up(delivery, error,
+                                                              outcome="refused"))
 
     def _enqueue(self, delivery: Delivery) -> None:
         self._schedule.at(delivery.due, lambda: self._post(delivery))
@@ -136,9 +140,7 @@ class WebhookSender:
         # The receiver may continue the task's trace (W3C); an unsampled one names it only.
         traced = tracing.carrier_of(span) if span is not None else d.trace_context
         try:
-            webhooks.post(d.url, d.body, timeout=self._timeout, allow_private=self._allow_private,
-                          headers={**d.headers, **traced, "Content-Type": "application/json",
-                                   "Weir-Delivery-Attempt": str(d.attempt)})
+            self._request(d, traced)
         except webhooks.DeliveryError as exc:
             if span is not None:
                 tracing.end_with(span, error=str(exc))
@@ -153,9 +155,23 @@ class WebhookSender:
         else:
             if span is not None:
                 span.end()
+            if self._metrics is not None:
+                self._metrics.delivery("delivered")
             self._finish(d, "DELIVERED")
 
+    def _request(self, d: Delivery, traced: Mapping[str, str]) -> None:
+        began = time.monotonic()
+        try:
+            webhooks.post(d.url, d.body, timeout=self._timeout, allow_private=self._allow_private,
+                          headers={**d.headers, **traced, "Content-Type": "application/json",
+                                   "Weir-Delivery-Attempt": str(d.attempt)})
+        finally:
+            if self._metrics is not None:
+                self._metrics.request(time.monotonic() - began)
+
     def _retry_later(self, d: Delivery, error: str) -> None:
+        if self._metrics is not None:
+            self._metrics.delivery("retried")
         try:
             self._deliveries.record(d, "PENDING", error)
         except Exception:  # the retry matters more than its interim record
@@ -165,7 +181,9 @@ class WebhookSender:
         d.due = time.monotonic() + delay.total_seconds()
         self._enqueue(d)
 
-    def _give_up(self, d: Delivery, error: str) -> None:
+    def _give_up(self, d: Delivery, error: str, *, outcome: str = "failed") -> None:
+        if self._metrics is not None:
+            self._metrics.delivery(outcome)
         log.warning("webhook given up", extra={
             "url": excerpt(d.url, 200), "error": error,
             **logs.task_fields(d.tenant_id, d.task_id, d.trace_context)})

@@ -51,6 +51,11 @@ class HotTenants:
     def isolated(self) -> dict[str, tuple[int, ...]]:
         return dict(self._isolated)
 
+    @property
+    def isolated_count(self) -> int:
+        """Tenants moved now (safe to read from another thread)."""
+        return len(self._isolated)
+
     def observe(self, backlog: Mapping[str, int]) -> list[Move]:
         """The moves to make now, given each tenant's backlog (absent: none waiting)."""
         now = self._clock()

@@ -79,7 +79,8 @@ def test_a_gateway_dying_between_store_and_produce_loses_no_stored_task(suite, c
     faulty = subprocess.Popen(
         [sys.executable, "-m", "services.gateway"], cwd=ROOT, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env=suite.env(WEIR_GATEWAY_PORT=str(port), WEIR_FAULT="gateway.crash_after_store"))
+        env=suite.env(WEIR_GATEWAY_PORT=str(port), WEIR_GATEWAY_METRICS_PORT="0",
+                      WEIR_FAULT="gateway.crash_after_store"))
     try:
         wait_until_serving(f"127.0.0.1:{port}", timeout_seconds=60)
         with Client(f"127.0.0.1:{port}", api_key=api_key, timeout=30) as client, \

@@ -103,7 +103,8 @@ def test_an_invalid_setting_stops_the_service_at_start_naming_the_variable(suite
 def test_a_service_without_its_credentials_stops_at_start_saying_how_to_make_them(
         suite_config, tmp_path):
     env = {"WEIR_CREDENTIALS_DIR": str(tmp_path / "none"), "PATH": "/usr/bin:/bin",
-           "WEIR_ROUTER_PORT": str(free_port()), "WEIR_KEYSPACE": suite_config.keyspace}
+           "WEIR_ROUTER_PORT": str(free_port()), "WEIR_ROUTER_METRICS_PORT": "0",
+           "WEIR_KEYSPACE": suite_config.keyspace}
     result = subprocess.run([sys.executable, "-m", "services.router"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
@@ -112,7 +113,8 @@ def test_a_service_without_its_credentials_stops_at_start_saying_how_to_make_the
 
 def test_sigterm_stops_a_service_gracefully_and_promptly(suite):
     port = free_port()
-    env = {"WEIR_ROUTER_PORT": str(port), "WEIR_SHUTDOWN_GRACE_SECONDS": "1",
+    env = {"WEIR_ROUTER_PORT": str(port), "WEIR_ROUTER_METRICS_PORT": "0",
+           "WEIR_SHUTDOWN_GRACE_SECONDS": "1",
            "WEIR_KEYSPACE": suite.config.keyspace, "PATH": "/usr/bin:/bin",
            "WEIR_CREDENTIALS_DIR": str(suite.credentials_dir)}
     process = subprocess.Popen([sys.executable, "-m", "services.router"], cwd=ROOT, env=env,

@@ -180,3 +180,33 @@ def test_an_outcome_with_refused_targets_is_acknowledged_once_all_are_recorded(a
         ("http://[", "FAILED", "invalid URL: not a valid URL (Invalid IPv6 URL): 'http://['"),
         ("kafka:weir.tasks.high", "FAILED", webhooks.KAFKA_REFUSED)]
     assert message.acks == 1
+
+
+def test_deliveries_are_counted_by_outcome_and_timed(answering):
+    from prometheus_client import CollectorRegistry
+
+    from services.notifier.metrics import NotifierMetrics
+
+    registry = CollectorRegistry()
+    s = WebhookSender(deliveries=Deliveries(), timeout_seconds=2, allow_private=True,
+                      max_attempts=2, first_backoff=timedelta(milliseconds=1),
+                      max_backoff=timedelta(milliseconds=5), threads=2,
+                      metrics=NotifierMetrics(registry)).start()
+
+    def count(outcome: str) -> float:
+        return registry.get_sample_value("weir_webhook_deliveries_total", {"outcome": outcome})
+
+    try:
+        assert [count(o) for o in ("delivered", "retried", "failed", "refused")] == [0] * 4
+        done = Done()
+        send(s, answering.url, done)
+        eventually(lambda: done.calls == 1)
+        answering.status = 503  # retried once, then given up (max_attempts=2)
+        send(s, answering.url, done)
+        eventually(lambda: done.calls == 2)
+        s.refuse(tenant_id="t", task_id="task", target="kafka:topic", error="no", done=done)
+        eventually(lambda: done.calls == 3)
+    finally:
+        s.stop()
+    assert [count(o) for o in ("delivered", "retried", "failed", "refused")] == [1, 1, 1, 1]
+    assert registry.get_sample_value("weir_webhook_request_seconds_count") == 3
