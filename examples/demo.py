@@ -1,8 +1,11 @@
 """The demo functions `make run` registers: echo, sleep and fail."""
 
+import logging
 import time
 
 from libs import sdk
+
+log = logging.getLogger(__name__)
 
 
 @sdk.task
@@ -13,8 +16,12 @@ def echo(payload: bytes) -> bytes:
 
 @sdk.task
 def sleep(payload: bytes) -> bytes:
-    """Sleeps the milliseconds written in its payload (e.g. b"250"), then returns it."""
-    time.sleep(int(payload or b"0") / 1000)
+    """Sleeps the milliseconds written in its payload (e.g. b"250"), then returns it; says so
+    in its attempt's log."""
+    milliseconds = int(payload or b"0")
+    log.info("sleeping %d ms", milliseconds)
+    time.sleep(milliseconds / 1000)
+    print(f"slept {milliseconds} ms")
     return payload
 
 

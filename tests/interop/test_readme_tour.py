@@ -16,7 +16,7 @@ BLOCKS = re.findall(r"<!-- tour -->\n```(bash|python)\n(.*?)```", README, re.S)
 
 
 def test_the_readme_has_a_grpcurl_and_an_sdk_tour():
-    assert [kind for kind, _ in BLOCKS] == ["bash", "bash", "python"]
+    assert [kind for kind, _ in BLOCKS] == ["bash", "bash", "python", "bash"]
 
 
 @pytest.fixture
@@ -28,9 +28,16 @@ def checkout_like(tmp_path, tenant):
     return tmp_path
 
 
-@pytest.mark.parametrize("kind, code", BLOCKS, ids=["grpcurl", "flow-control", "sdk"])
+DEFAULT_METRICS_PORTS = {"gateway": 9464, "router": 9465, "dispatcher": 9466,
+                         "executor_manager": 9467, "notifier": 9468}
+
+
+@pytest.mark.parametrize("kind, code", BLOCKS,
+                         ids=["grpcurl", "flow-control", "sdk", "where-the-time-went"])
 def test_the_tour_block_runs_as_written(suite, checkout_like, kind, code):
     code = code.replace("127.0.0.1:50051", suite.address("gateway"))
+    for name, port in DEFAULT_METRICS_PORTS.items():  # the suite's services have their own
+        code = code.replace(f"127.0.0.1:{port}/", f"127.0.0.1:{suite.metrics_ports[name]}/")
     command = ["bash", "-euo", "pipefail", "-c", code] if kind == "bash" \
         else [sys.executable, "-c", code]
     result = subprocess.run(command, cwd=checkout_like, capture_output=True, text=True,
@@ -42,6 +49,17 @@ def test_the_tour_block_runs_as_written(suite, checkout_like, kind, code):
         assert sum(per_second) == 20 and max(per_second) <= 6 and len(per_second) >= 4, \
             per_second
         assert '"tenant_id"' in tenant
+    elif "traceparent" in code:
+        spans = [line.split() for line in result.stdout.splitlines()
+                 if re.match(r"^ +[0-9.]+ ms +[0-9.]+ ms ", line)]
+        assert {span[4] for span in spans} >= {
+            "weir-gateway", "weir-dispatcher", "weir-executor-manager", "weir-worker",
+            "weir-notifier"}, result.stdout
+        [handler] = [span for span in spans if span[5] == "weir.handler"]
+        assert float(handler[2]) >= 200  # the sleep, where it happened
+        assert "sleeping 200 ms" in result.stdout and "slept 200 ms" in result.stdout
+        assert re.search(r'^weir_tasks_succeeded_total\{function="sleep",tenant="[^"]+"\} 1\.0$',
+                         result.stdout, re.M), result.stdout
     elif kind == "bash":
         assert "weir.v1.TaskService" in result.stdout
         assert "TASK_STATE_SUCCEEDED" in result.stdout and '"aGVsbG8="' in result.stdout
