@@ -110,7 +110,7 @@ class Held:
     state: State
     status: records_pb2.TaskStatus
     floor: int  # microseconds: every write of it comes after its creation
-    due: float = 0.0  # wall-clock seconds: since when it waits to run (its queue time)
+    due: float = 0.0  # wall-clock seconds: since when it waits to run (queue time: metrics, trace)
     history: records_pb2.TaskHistory = field(default_factory=records_pb2.TaskHistory)
     dirty: bool = False
     result: bytes | None = None
@@ -129,7 +129,6 @@ class Held:
     reports: list[tuple[Stream, str]] = field(default_factory=list)  # to confirm once stored
     earlier: list[tasks_pb2.Attempt] = field(default_factory=list)  # stored attempts
     out_keys: list[LimitKey] = field(default_factory=list)  # counted out under these
-    ready_ns: int = 0  # when it last became ready to go (wall clock, for its trace)
     span: Span | None = None  # the attempt out now, when the task's trace is sampled
     logs: list[AttemptLogWrite] = field(default_factory=list)  # to write with the next flush
 
@@ -239,7 +238,6 @@ class ReadyQueue:
         return self._count
 
     def push(self, held: Held) -> None:
-        held.ready_ns = time.time_ns()
         self._queue(held)
         self._count_in(held)
 
@@ -502,9 +500,12 @@ class Owner:
                   stored: StoredTask | None = None) -> Held:
         created = micros(message.create_time.ToDatetime(tzinfo=UTC)) \
             if message.HasField("create_time") else 0
+        # Queued since its record was produced; rebuilt from its stored state, since created.
+        due = message.enqueue_time.ToNanoseconds() / 1e9 if message.HasField("enqueue_time") \
+            else created / 1e6 if created else time.time()
         held = Held(key=key, partition=partition, message=message, function=function,
                     state=state, status=status or records_pb2.TaskStatus(), floor=created,
-                    due=created / 1e6 if created else time.time())
+                    due=due)
         if stored is not None:
             held.earlier = stored.attempts()  # a dead letter carries every attempt
         self._held[key] = held
@@ -1250,15 +1251,9 @@ def _trace_dispatch(held: Held, number: int, executor_id: str) -> Span | None:
     if not tracing.sampled(context):
         return None
     now_ns = time.time_ns()
-    message = held.message
-    # The first attempt waited since its record was produced (Kafka, this owner's queue, its
-    # limits); a later one since its retry came due.
-    since = held.ready_ns
-    if number == 1 and message.HasField("enqueue_time"):
-        since = max(message.enqueue_time.ToNanoseconds(), message.schedule_time.ToNanoseconds())
     partition = {"messaging.destination.name": held.partition[0],
                  "messaging.destination.partition.id": str(held.partition[1])}
-    tracing.record(context, "weir.queue_wait", min(since, now_ns), now_ns,
+    tracing.record(context, "weir.queue_wait", min(int(held.due * 1e9), now_ns), now_ns,
                    attributes={**partition, "weir.attempt": number})
     return tracing.start(context, "weir.attempt", start_ns=now_ns, kind=SpanKind.CLIENT,
                          attributes={**partition, "weir.attempt": number,
