@@ -131,6 +131,10 @@ class WeirConfig:
     # Pipeline behaviour.
     max_payload_bytes: int = setting(1 << 20, "Largest task payload the gateway accepts.",
                                      check=_positive, rule="> 0")
+    max_request_bytes: int = setting(
+        4 << 20, "Largest request message the gateway accepts: a larger one, up to 4 times "
+        "this, is INVALID_ARGUMENT naming the limit; beyond that grpc's transport refuses it "
+        "(RESOURCE_EXHAUSTED without RetryInfo).", check=_positive, rule="> 0")
     worker_processes: int = setting(4, "Worker processes per executor-manager.",
                                     check=_positive, rule="> 0")
     worker_slots: int = setting(

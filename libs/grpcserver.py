@@ -41,12 +41,20 @@ import cassandra
 import grpc
 import kafka.errors
 from cassandra.cluster import NoHostAvailable
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs lack it
 from grpc_reflection.v1alpha import reflection
 
 from libs import tls, tracing
-from libs.errors import PermissionDenied, Unauthenticated, Unavailable, Unimplemented, WeirError
+from libs.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    WeirError,
+)
 
 # An engine down or overloaded: the caller may retry the same request (UNAVAILABLE).
 ENGINE_OUTAGES = (NoHostAvailable, cassandra.OperationTimedOut, cassandra.Unavailable,
@@ -61,6 +69,9 @@ T = TypeVar("T")
 OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME,
                  "grpc.reflection.v1.ServerReflection")
 MAX_CONCURRENT_CALLS = 10_000  # beyond this a server answers RESOURCE_EXHAUSTED at once
+# A server with a request limit of its own takes messages up to this many times the limit
+# from the transport, so that it, not grpc, answers the ones in between (see RequestSizeLimit).
+HARD_CAP_FACTOR = 4
 
 Behaviour = Callable[..., Any]
 Around = Callable[[Behaviour], Behaviour]
@@ -303,6 +314,88 @@ class PeerAuthorizer(grpc.aio.ServerInterceptor):
         return wrap_handler(await continuation(handler_call_details), admitting(admit))
 
 
+def largest_field(message: Message) -> str:
+    """The path of the field that makes ``message`` big, e.g. ``requests[3].task.payload``:
+    the largest field, descending into the largest message (or list element) it holds."""
+    path = ""
+    while True:
+        sizes: list[tuple[int, str, Any]] = []
+        for descriptor, value in message.ListFields():
+            entries = descriptor.message_type and descriptor.message_type.GetOptions().map_entry
+            if not descriptor.message_type or entries:
+                sizes.append((_size(value), descriptor.name, None))
+            elif descriptor.is_repeated:
+                sizes += [(item.ByteSize(), f"{descriptor.name}[{i}]", item)
+                          for i, item in enumerate(value)]
+            elif descriptor.message_type:
+                sizes.append((value.ByteSize(), descriptor.name, value))
+            else:
+                sizes.append((_size(value), descriptor.name, None))
+        if not sizes:
+            return path
+        _, name, inner = max(sizes, key=lambda entry: entry[0])
+        path = f"{path}.{name}" if path else name
+        if inner is None:
+            return path
+        message = inner
+
+
+def _size(value: Any) -> int:
+    if isinstance(value, bytes | str):
+        return len(value)
+    if isinstance(value, Message):
+        return value.ByteSize()
+    if hasattr(value, "items"):  # a map
+        return sum(_size(k) + _size(v) for k, v in value.items())
+    try:
+        return sum(_size(item) for item in value)
+    except TypeError:  # a number or an enum
+        return 8
+
+
+class RequestSizeLimit(grpc.aio.ServerInterceptor):
+    """Answers a request message over ``limit`` bytes with INVALID_ARGUMENT naming the limit
+    and the field that makes it big.
+
+    The transport itself refuses larger messages with a bare RESOURCE_EXHAUSTED — the code
+    Weir's admission uses for "retry later" — so the server takes up to ``HARD_CAP_FACTOR``
+    times the limit from the transport and this check answers the ones in between.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+
+    def check(self, request: Message) -> None:
+        size = request.ByteSize()
+        if size > self._limit:
+            raise InvalidArgument(
+                {largest_field(request): f"the request is {size} bytes; the limit is "
+                                         f"{self._limit} bytes per request message"},
+                f"request too large: {size} bytes; the limit is {self._limit} bytes")
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming:
+            return handler  # no public RPC streams requests; each message would need a check
+
+        def around(behaviour: Behaviour, streams: bool) -> Behaviour:
+            if streams:
+                async def stream(request: Any, context: grpc.aio.ServicerContext
+                                 ) -> AsyncIterator:
+                    self.check(request)
+                    async for item in behaviour(request, context):
+                        yield item
+                return stream
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                self.check(request)
+                return await behaviour(request, context)
+            return unary
+
+        return wrap_handler(handler, around)
+
+
 # --- the server ----------------------------------------------------------------------------
 
 class GrpcServer:
@@ -362,7 +455,8 @@ class GrpcServer:
 def create_server(*, host: str, port: int, servicers: Iterable[Servicer], workers: int,
                   interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                   credentials: tls.Credentials | None = None,
-                  callers: Mapping[str, Collection[str]] | None = None) -> GrpcServer:
+                  callers: Mapping[str, Collection[str]] | None = None,
+                  max_request_bytes: int | None = None) -> GrpcServer:
     """Builds, binds and starts a server with health, reflection and error mapping.
 
     Args:
@@ -375,6 +469,9 @@ def create_server(*, host: str, port: int, servicers: Iterable[Servicer], worker
         credentials: serve mutual TLS with this identity (every internal service); None
             serves plaintext (the public gateway, which authenticates tenants by API key).
         callers: with ``credentials``, who may call what (see `PeerAuthorizer`).
+        max_request_bytes: answer larger request messages INVALID_ARGUMENT (up to
+            ``HARD_CAP_FACTOR`` times this; beyond, grpc's own RESOURCE_EXHAUSTED). None
+            leaves grpc's limits (or, with ``credentials``, the internal ones).
     """
     if (credentials is None) != (callers is None):
         raise ValueError("an internal server needs both credentials and its callers")
@@ -383,7 +480,10 @@ def create_server(*, host: str, port: int, servicers: Iterable[Servicer], worker
     chain: list[grpc.aio.ServerInterceptor] = [tracing.server_interceptor(), ErrorInterceptor()]
     if callers is not None:
         chain.append(PeerAuthorizer(callers))
-    chain += [*interceptors, _BridgeInterceptor(_Bridge(pool))]
+    chain += interceptors
+    if max_request_bytes is not None:
+        chain.append(RequestSizeLimit(max_request_bytes))
+    chain.append(_BridgeInterceptor(_Bridge(pool)))
     servicers = list(servicers)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="grpc-loop", daemon=True)
@@ -393,6 +493,9 @@ def create_server(*, host: str, port: int, servicers: Iterable[Servicer], worker
         options: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
         if credentials is not None:
             options += tls.MESSAGE_LIMITS
+        if max_request_bytes is not None:
+            options.append(("grpc.max_receive_message_length",
+                            HARD_CAP_FACTOR * max_request_bytes))
         server = grpc.aio.server(interceptors=chain, maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS,
                                  options=options)
         for s in servicers:

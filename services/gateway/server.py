@@ -57,6 +57,7 @@ def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submit
     return create_grpc_server(
         host=config.gateway_bind_host, port=config.gateway_port, workers=config.grpc_workers,
         interceptors=[AuthInterceptor(authenticator)],
+        max_request_bytes=config.max_request_bytes,
         servicers=[
             servicer(tasks_pb2_grpc, "TaskService", task_handler),
             servicer(functions_pb2_grpc, "FunctionService", FunctionHandler(

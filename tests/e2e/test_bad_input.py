@@ -49,6 +49,20 @@ def test_an_oversized_payload_is_invalid_argument_with_the_limit(suite, tenant):
                            timeout=60).state == tasks_pb2.TaskState.TASK_STATE_SUCCEEDED
 
 
+def test_a_request_over_the_transport_limit_is_invalid_argument_naming_the_limit(suite, tenant):
+    # grpc's own answer would be RESOURCE_EXHAUSTED, which clients retry as admission.
+    _, api_key = tenant
+    with suite.client(api_key) as client:
+        with pytest.raises(errors.InvalidArgument) as raised:
+            client.create_task("echo", b"x" * (5 * 1024 * 1024))
+        assert "limit is 4194304 bytes" in raised.value.violations["task.payload"]
+        assert "4194304" in raised.value.message
+        with pytest.raises(errors.InvalidArgument) as raised:  # the path into a batch
+            client.create_tasks([{"function": "echo", "payload": b"x" * (1024 * 1024)}] * 5)
+        assert "limit is 4194304 bytes" in raised.value.violations["requests[0].task.payload"]
+        assert_nothing_written(client)
+
+
 def test_a_batch_over_the_limit_or_with_one_bad_entry_is_refused_whole(suite, tenant):
     _, api_key = tenant
     with suite.client(api_key) as client:

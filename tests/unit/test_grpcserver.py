@@ -12,7 +12,7 @@ from cassandra.cluster import NoHostAvailable
 from weir.v1 import tasks_pb2, tasks_pb2_grpc
 
 from libs import errors
-from libs.grpcserver import create_server, current_call, servicer
+from libs.grpcserver import HARD_CAP_FACTOR, create_server, current_call, largest_field, servicer
 from tests.helpers import eventually
 
 WORKERS = 2
@@ -132,3 +132,31 @@ def test_waiting_streams_hold_no_thread_that_unary_calls_need(stub):
     finally:
         for s in streams:
             s.cancel()
+
+
+def test_the_field_that_makes_a_request_big_is_named_by_its_path():
+    request = tasks_pb2.BatchCreateTasksRequest(requests=[
+        tasks_pb2.CreateTaskRequest(task=tasks_pb2.Task(function="echo", payload=b"x")),
+        tasks_pb2.CreateTaskRequest(task=tasks_pb2.Task(function="echo", payload=b"x" * 99,
+                                                        labels={"k": "v"}))])
+    assert largest_field(request) == "requests[1].task.payload"
+    assert largest_field(tasks_pb2.Task(labels={"k": "v" * 50}, payload=b"x")) == "labels"
+    assert largest_field(tasks_pb2.Task()) == ""
+
+
+def test_a_request_between_the_limit_and_the_hard_cap_is_invalid_argument_naming_the_limit():
+    server = create_server(host="127.0.0.1", port=0, workers=WORKERS, max_request_bytes=1000,
+                           servicers=[servicer(tasks_pb2_grpc, "TaskService", Failing())])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = tasks_pb2_grpc.TaskServiceStub(channel)
+            assert stub.GetTask(tasks_pb2.GetTaskRequest(task_id="fine"), timeout=5)
+            error = errors.from_rpc_error(call_error(lambda: stub.GetTask(
+                tasks_pb2.GetTaskRequest(task_id="f" * 2000), timeout=5)))
+            assert isinstance(error, errors.InvalidArgument)
+            assert "limit is 1000 bytes" in error.violations["task_id"]
+            beyond = call_error(lambda: stub.GetTask(  # past the hard cap: grpc's own answer
+                tasks_pb2.GetTaskRequest(task_id="f" * (HARD_CAP_FACTOR * 1000 + 1)), timeout=5))
+            assert beyond.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        server.stop(0)
