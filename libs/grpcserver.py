@@ -41,10 +41,11 @@ import cassandra
 import grpc
 import kafka.errors
 from cassandra.cluster import NoHostAvailable
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # stubs lack it
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio, reflection, reflection_pb2
 
 from libs import tls, tracing
 from libs.errors import (
@@ -66,8 +67,8 @@ T = TypeVar("T")
 
 # Health and reflection need no tenant key: probes and grpcurl must work without one (on
 # internal ports the TLS handshake has already asked for a deployment certificate).
-OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME,
-                 "grpc.reflection.v1.ServerReflection")
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
 MAX_CONCURRENT_CALLS = 10_000  # beyond this a server answers RESOURCE_EXHAUSTED at once
 # A server with a request limit of its own takes messages up to this many times the limit
 # from the transport, so that it, not grpc, answers the ones in between (see RequestSizeLimit).
@@ -396,6 +397,47 @@ class RequestSizeLimit(grpc.aio.ServerInterceptor):
         return wrap_handler(handler, around)
 
 
+def _add_reflection(server: grpc.aio.Server, names: Sequence[str]) -> None:
+    """Serves reflection as ``grpc.reflection.v1`` (what grpcurl and current clients ask for
+    first) and ``v1alpha`` (older clients).
+
+    grpcio-reflection (1.85) ships only v1alpha. v1 is the same protocol under another
+    package — the same messages, field for field — so one servicer answers both names, and
+    v1's descriptor (v1alpha's file renamed) joins the pool so reflection describes it too.
+    """
+    _register_reflection_v1_file()
+    reflector = reflection_aio.ReflectionServicer([*names, REFLECTION_V1], pool=None)
+    handlers = {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+        reflector.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)}
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(name, handlers),))
+
+
+def _register_reflection_v1_file() -> None:
+    pool = descriptor_pool.Default()
+    v1_file = "grpc/reflection/v1/reflection.proto"
+    try:
+        pool.FindFileByName(v1_file)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = f".{proto.package}.", ".grpc.reflection.v1."
+    proto.name, proto.package = v1_file, "grpc.reflection.v1"
+    for message in proto.message_type:
+        for f in message.field:
+            if f.type_name:  # message fields only: setting it on a scalar is an error
+                f.type_name = f.type_name.replace(old, new, 1)
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace(old, new, 1)
+        method.output_type = method.output_type.replace(old, new, 1)
+    pool.AddSerializedFile(proto.SerializeToString())
+
+
 # --- the server ----------------------------------------------------------------------------
 
 class GrpcServer:
@@ -503,8 +545,7 @@ def create_server(*, host: str, port: int, servicers: Iterable[Servicer], worker
         health_servicer = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         names = [s.name for s in servicers]
-        reflection.enable_server_reflection(
-            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        _add_reflection(server, [*names, health.SERVICE_NAME, reflection.SERVICE_NAME])
         address = f"{host}:{port}"
         bound = (server.add_secure_port(address, credentials.server()) if credentials
                  else server.add_insecure_port(address))

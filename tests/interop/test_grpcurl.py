@@ -65,3 +65,18 @@ def test_grpcurl_runs_a_task_as_an_operator_script_would(suite, tenant):
 
     done = eventually(succeeded, timeout=60, message="the task succeeded")
     assert done["result"] == "aGVsbG8="
+
+
+def test_reflection_v1_and_v1alpha_both_list_the_services(suite):
+    # grpcurl asks v1 first, so it describes and calls v1 itself through v1's own schema.
+    described = grpcurl(suite.address("gateway"), "describe",
+                        "grpc.reflection.v1.ServerReflection")
+    assert described.returncode == 0, described.stderr
+    assert "ServerReflectionInfo" in described.stdout
+    for version in ("v1", "v1alpha"):
+        result = grpcurl("-d", '{"list_services": ""}', suite.address("gateway"),
+                         f"grpc.reflection.{version}.ServerReflection/ServerReflectionInfo")
+        assert result.returncode == 0, result.stderr
+        names = {s["name"] for s in json.loads(result.stdout)["list_services_response"]["service"]}
+        assert {"weir.v1.TaskService", "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection"} <= names

@@ -9,6 +9,7 @@ import threading
 import grpc
 import pytest
 from cassandra.cluster import NoHostAvailable
+from grpc_reflection.v1alpha import reflection_pb2
 from weir.v1 import tasks_pb2, tasks_pb2_grpc
 
 from libs import errors
@@ -158,5 +159,25 @@ def test_a_request_between_the_limit_and_the_hard_cap_is_invalid_argument_naming
             beyond = call_error(lambda: stub.GetTask(  # past the hard cap: grpc's own answer
                 tasks_pb2.GetTaskRequest(task_id="f" * (HARD_CAP_FACTOR * 1000 + 1)), timeout=5))
             assert beyond.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        server.stop(0)
+
+
+def test_a_raw_reflection_v1_call_lists_the_services(stub, implementation):
+    server = create_server(host="127.0.0.1", port=0, workers=WORKERS,
+                           servicers=[servicer(tasks_pb2_grpc, "TaskService", implementation)])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            # v1 and v1alpha are the same messages on the wire; only the method path differs.
+            info = channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            [reply] = info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                           timeout=5)
+            names = {s.name for s in reply.list_services_response.service}
+            assert {"weir.v1.TaskService", "grpc.health.v1.Health",
+                    "grpc.reflection.v1.ServerReflection",
+                    "grpc.reflection.v1alpha.ServerReflection"} <= names
     finally:
         server.stop(0)
