@@ -42,6 +42,7 @@ from libs.cassandra.taskstate import (
     now_utc,
     timestamp_of,
 )
+from libs.function_defaults import DEFAULT_TIMEOUT, DEFAULT_WORKER_CONCURRENCY
 from libs.kafka.acks import Countdown
 from libs.retry import RetryPolicy, decide
 from services.dispatcher.limits import Limiter, LimitKey, tier_quotas
@@ -65,7 +66,6 @@ TIERS: tuple[int, ...] = (common_pb2.Priority.PRIORITY_HIGH, common_pb2.Priority
 # Each lower tier's minimum share of the dispatches while a higher tier waits too.
 DEFAULT_SHARES: dict[int, float] = {common_pb2.Priority.PRIORITY_NORMAL: 0.2,
                                     common_pb2.Priority.PRIORITY_LOW: 0.1}
-DEFAULT_TIMEOUT = timedelta(seconds=60)
 SERVICE = "dispatcher"
 # An attempt is written once it has been out this long, or when it ends if sooner: a short
 # task costs one write for dispatch, start and end together. A crash before the write
@@ -1075,7 +1075,8 @@ class Owner:
         stream.assignments.append(dispatcher_pb2.Assignment(
             attempt_id=attempt_id, topic=held.partition[0], partition=held.partition[1],
             task=task, handler=function.handler if function else "", timeout=timeout,
-            worker_concurrency=max(1, function.worker_concurrency if function else 1)))
+            worker_concurrency=(function.worker_concurrency if function else 0)
+            or DEFAULT_WORKER_CONCURRENCY))
         stream.credits -= 1
         if stream.below_high is not None:
             lower = held.message.priority != HIGH

@@ -32,6 +32,7 @@ from libs.cassandra.taskstate import (
     timestamp_of,
 )
 from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from libs.function_defaults import DEFAULT_DEDUP_WINDOW, DEFAULT_PRIORITY
 from libs.kafka.client import Producer
 from libs.taskqueue import message_of, records_by_partition
 from services.gateway.metrics import GatewayMetrics
@@ -44,9 +45,6 @@ State = tasks_pb2.TaskState
 QUEUED, SCHEDULED = State.TASK_STATE_QUEUED, State.TASK_STATE_SCHEDULED
 ACCEPTED = State.TASK_STATE_ACCEPTED
 DELETING = functions_pb2.FunctionState.FUNCTION_STATE_DELETING
-NORMAL = common_pb2.Priority.PRIORITY_NORMAL
-
-DEFAULT_DEDUP_WINDOW = timedelta(hours=24)
 # How long a gateway trusts a function it read: a change made through another gateway (a
 # pause, a forced delete) reaches this one's submissions within this time.
 FUNCTION_CACHE_SECONDS = 5.0
@@ -254,7 +252,7 @@ class Submitter:
         """The task as accepted: the request's fields, defaults resolved, the time
         ``now`` (also as ``created``), and a partition of its route."""
         given = request.task
-        priority = given.priority or function.default_priority or NORMAL
+        priority = given.priority or function.default_priority or DEFAULT_PRIORITY
         shard = self._routes.get(tenant_id, given.function, priority)
         spec = records_pb2.TaskSpec(
             tenant_id=tenant_id, request_id=request.request_id,

@@ -12,6 +12,7 @@ from weir.v1 import common_pb2, functions_pb2, functions_pb2_grpc, operations_pb
 from libs.cassandra.functions import FunctionStore
 from libs.cassandra.taskstate import FINAL_STATES, now_utc, timestamp_of
 from libs.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, excerpt
+from libs.function_defaults import effective
 from libs.pagetoken import PageTokens
 from services.gateway import validation
 from services.gateway.auth import current_tenant
@@ -57,11 +58,11 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
             raise AlreadyExists(f"function {function.name!r} already exists",
                                 reason="FUNCTION_ALREADY_EXISTS")
         self._changed(current_tenant.get(), function.name)  # a cached "not found" is stale
-        return function
+        return effective(function)
 
     def GetFunction(self, request: functions_pb2.GetFunctionRequest, context: Context
                     ) -> functions_pb2.Function:
-        function = self._get(request.name)
+        function = effective(self._get(request.name))
         if function.rate_limits.adaptive.enabled:
             state = self._adaptive_rate(current_tenant.get(), function.name)
             if state is not None:
@@ -80,7 +81,8 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
         found = self._functions.list(tenant, after=after, limit=size)
         token = (self._tokens.encode(found[-1].name, listing="functions", tenant_id=tenant)
                  if len(found) == size else "")
-        return functions_pb2.ListFunctionsResponse(functions=found, next_page_token=token)
+        return functions_pb2.ListFunctionsResponse(functions=[effective(f) for f in found],
+                                                   next_page_token=token)
 
     def UpdateFunction(self, request: functions_pb2.UpdateFunctionRequest, context: Context
                        ) -> functions_pb2.Function:
@@ -104,7 +106,7 @@ class FunctionHandler(functions_pb2_grpc.FunctionServiceServicer):
         self._check(current)
         if not self._save(current):
             raise NotFound(f"function {current.name!r} not found", reason="FUNCTION_NOT_FOUND")
-        return current
+        return effective(current)
 
     def DeleteFunction(self, request: functions_pb2.DeleteFunctionRequest, context: Context
                        ) -> operations_pb2.Operation:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 from weir.v1 import common_pb2, tasks_pb2
@@ -155,3 +156,21 @@ def test_a_functions_concurrency_limit_keeps_its_attempts_apart(suite, tenant):
                    for t in done for a in t.attempts)
     assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:],
                                                                        strict=False))
+
+
+def test_get_function_shows_the_values_applied_to_unset_fields(suite, tenant):
+    _, api_key = tenant
+    with suite.client(api_key) as client:
+        client.create_function("plain", "examples.demo:echo",
+                               retry_config=common_pb2.RetryConfig(max_attempts=5))
+        shown = client.get_function("plain")
+        assert shown.timeout.ToTimedelta() == timedelta(seconds=60)
+        assert shown.default_priority == common_pb2.Priority.PRIORITY_NORMAL
+        assert shown.worker_concurrency == 1
+        assert shown.dedup_window.ToTimedelta() == timedelta(hours=24)
+        assert shown.retry_config.max_attempts == 5  # as set
+        assert shown.retry_config.min_backoff.ToTimedelta() == timedelta(seconds=1)
+        assert shown.retry_config.max_doublings == 16
+        # the priority shown is the one a task without its own gets
+        task = client.create_task("plain", b"x")
+        assert task.priority == shown.default_priority
