@@ -13,7 +13,7 @@ from weir.storage.v1 import records_pb2
 from weir.v1 import operations_pb2, tasks_pb2, tasks_pb2_grpc
 
 from libs import tracing
-from libs.cassandra.taskstate import FINAL_STATES, StoredTask, TaskKey
+from libs.cassandra.taskstate import StoredTask, TaskKey
 from libs.errors import InvalidArgument, NotFound, Unavailable, Unimplemented
 from libs.pagetoken import PageTokens
 from services.gateway import validation
@@ -191,16 +191,16 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
 
     def _response(self, reply: notifier_pb2.WatchTaskResponse, tenant: str,
                   task_id: str) -> tasks_pb2.WatchTaskResponse:
-        """A watch event; a final one carries the task as it ended, with its result."""
+        """A watch event with the task as it is now (BASIC view, plus its result once
+        SUCCEEDED)."""
         stage = reply.event.stage
-        stored = None
-        if stage.state in FINAL_STATES:
-            [stored] = self._tasks.get_many([TaskKey(tenant, task_id)], history=False)
-        if stored is None:
+        [stored] = self._tasks.get_many([TaskKey(tenant, task_id)], history=False)
+        if stored is None:  # deleted meanwhile
             return tasks_pb2.WatchTaskResponse(stage=stage, task=tasks_pb2.Task(
                 task_id=task_id, state=stage.state))
         task = stored.to_task(full=False)
-        task.result = stored.result
+        if stored.state == tasks_pb2.TaskState.TASK_STATE_SUCCEEDED:
+            task.result = stored.result
         return tasks_pb2.WatchTaskResponse(stage=stage, task=task)
 
 

@@ -1,4 +1,6 @@
-"""Live task event streams: every stage of a task so far, then each new one, until final.
+"""Live task event streams: every stage of a task so far, then each new one, until the task
+is final — as it stands now: a task re-driven (or retried) after a final stage goes on, so a
+watch follows its present life rather than ending at the old final stage.
 
 A stream mostly waits, so it is a coroutine on the server's event loop and holds no thread:
 the consumer thread wakes it through `Watchers` when an outcome of its task arrives, and it
@@ -21,11 +23,15 @@ from libs.cassandra.taskstate import FINAL_STATES, TaskKey, TaskStateStore
 Key = tuple[str, str]  # (tenant_id, task_id)
 
 
-def stages_reader(tasks: TaskStateStore) -> Callable[[str, str], list[tasks_pb2.TaskStage]]:
-    """A task's timeline from the store (empty for a task that does not exist)."""
-    def stages(tenant_id: str, task_id: str) -> list[tasks_pb2.TaskStage]:
+Timeline = tuple[list[tasks_pb2.TaskStage], int]  # the stages, oldest first; the state now
+
+
+def stages_reader(tasks: TaskStateStore) -> Callable[[str, str], Timeline]:
+    """A task's timeline and current state from the store (empty and UNSPECIFIED for a task
+    that does not exist)."""
+    def stages(tenant_id: str, task_id: str) -> Timeline:
         stored = tasks.get(TaskKey(tenant_id, task_id))
-        return stored.stages() if stored else []
+        return (stored.stages(), stored.state) if stored else ([], 0)
     return stages
 
 
@@ -57,10 +63,12 @@ class Watchers:
             callback()
 
 
-async def watch(stages_of: Callable[[str, str], list[tasks_pb2.TaskStage]],
+async def watch(stages_of: Callable[[str, str], Timeline],
                 watchers: Watchers, tenant_id: str, task_id: str, *,
                 poll_seconds: float = 0.25) -> AsyncIterator[records_pb2.TaskEvent]:
-    """The task's stages as events, oldest first, then each new one, until a final stage."""
+    """The task's stages as events, oldest first, then each new one, until the task is in a
+    final state whose stage is its latest (an earlier final stage, before a re-drive, is
+    sent and passed)."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
     unsubscribe = watchers.subscribe((tenant_id, task_id),
@@ -69,14 +77,15 @@ async def watch(stages_of: Callable[[str, str], list[tasks_pb2.TaskStage]],
     try:
         while True:
             wake.clear()
-            for stage in await asyncio.to_thread(stages_of, tenant_id, task_id):
+            stages, state = await asyncio.to_thread(stages_of, tenant_id, task_id)
+            for stage in stages:
                 mark = (stage.state, stage.time.seconds, stage.time.nanos)
                 if mark in sent:
                     continue
                 sent.add(mark)
                 yield records_pb2.TaskEvent(tenant_id=tenant_id, task_id=task_id, stage=stage)
-                if stage.state in FINAL_STATES:
-                    return
+            if state in FINAL_STATES and stages and stages[-1].state == state:
+                return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), poll_seconds)
     finally:

@@ -578,3 +578,24 @@ def _seconds(operation) -> float:
 
 def _run_seconds(task: tasks_pb2.Task) -> float:
     return (at(task.update_time) - at(task.create_time)).total_seconds()
+
+
+def test_a_watch_of_a_redriven_task_follows_it_to_its_new_end_with_the_task_each_time(
+        suite, tenant):
+    _, api_key = tenant
+    with suite.client(api_key) as client:
+        function = register(client, "strict")
+        task = client.create_task(function, b"bad")
+        assert wait(client, task.task_id, timeout=60).state == State.TASK_STATE_FAILED
+        eventually(lambda: list(client.list_dead_letters(f'function = "{function}"')),
+                   timeout=10)
+        operation = client.redrive_dead_letters([task.task_id], payload_override=b"good")
+        assert client.wait_operation(operation.name, timeout=60).processed_count == 1
+        changes = list(client.watch(task.task_id, timeout=60))
+    states = [change.stage.state for change in changes]
+    assert State.TASK_STATE_FAILED in states[:-1]  # the old end is passed, not the last word
+    assert states[-1] == State.TASK_STATE_SUCCEEDED
+    assert changes[-1].task.result == b"accepted"
+    for change in changes:  # each message carries the task (BASIC view), not just its state
+        assert change.task.task_id == task.task_id and change.task.function == function
+        assert change.task.HasField("create_time")
