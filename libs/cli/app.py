@@ -295,14 +295,19 @@ def watch_task(session: Session, task_id: str, wait_timeout: timedelta, output: 
             if last in FINAL:
                 break
     else:
+        # A table growing in place on a terminal; elsewhere printed once at the end (a
+        # script that wants each change as it happens reads -o json).
         table = render.stages_table()
-        with Live(table, console=session.out, auto_refresh=False) as live:
+        with Live(table, console=session.out, auto_refresh=False,
+                  transient=not session.out.is_terminal) as live:
             for change in changes:
                 render.add_stage(table, change.stage)
                 live.refresh()
                 last = change.stage.state
                 if last in FINAL:
                     break
+        if not session.out.is_terminal:
+            session.out.print(table)
     if last != tasks_pb2.TaskState.TASK_STATE_SUCCEEDED:
         sys.exit(EXIT_UNSUCCESSFUL)
 

@@ -11,10 +11,11 @@ import grpc
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
-from weir.v1 import dead_letters_pb2, operations_pb2, tasks_pb2
+from weir.v1 import dead_letters_pb2, tasks_pb2
 
 from libs.errors import InvalidArgument, ResourceExhausted, WeirError
 
@@ -50,7 +51,19 @@ def task_state(state: int) -> Text:
 
 
 def time_of(stamp: timestamp_pb2.Timestamp) -> str:
-    return stamp.ToJsonString() if stamp.seconds or stamp.nanos else ""
+    """UTC to the millisecond; empty when unset."""
+    if not (stamp.seconds or stamp.nanos):
+        return ""
+    return stamp.ToDatetime().isoformat(timespec="milliseconds") + "Z"
+
+
+def table(*headers: str, title: str = "") -> Table:
+    """A table whose first column (an ID) is never cut and whose others fold, not elide."""
+    table = Table(title=title or None, title_justify="left")
+    table.add_column(headers[0], no_wrap=True)
+    for header in headers[1:]:
+        table.add_column(header, overflow="fold")
+    return table
 
 
 def details(message: Message, *, skip: Iterable[str] = ()) -> Table:
@@ -64,8 +77,7 @@ def details(message: Message, *, skip: Iterable[str] = ()) -> Table:
             continue
         if isinstance(value, bytes):
             table.add_row(field.name, text_of(value))
-        else:
-            shown = as_json[field.name]
+        elif (shown := as_json[field.name]) not in ({}, []):  # e.g. an OK last_status
             table.add_row(field.name, Text(shown if isinstance(shown, str)
                                            else json.dumps(shown)))
     return table
@@ -75,15 +87,14 @@ def task_view(task: tasks_pb2.Task) -> RenderableType:
     """A task: its fields, then its timeline and attempts when the view has them."""
     parts: list[RenderableType] = [details(task, skip=TASK_TABLES)]
     if task.stages:
-        stages = Table("time", "state", "service", "attempt", "detail", title="timeline",
-                       title_justify="left")
+        stages = table("time", "state", "service", "attempt", "detail", title="timeline")
         for stage in task.stages:
             stages.add_row(time_of(stage.time), task_state(stage.state), stage.service,
                            str(stage.attempt_number or ""), Text(stage.detail))
         parts.append(stages)
     if task.attempts:
-        attempts = Table("attempt", "dispatched", "started", "ended", "status", "executor",
-                         title="attempts", title_justify="left")
+        attempts = table("attempt", "dispatched", "started", "ended", "status", "executor",
+                         title="attempts")
         for attempt in task.attempts:
             attempts.add_row(str(attempt.attempt_number), time_of(attempt.dispatch_time),
                              time_of(attempt.start_time), time_of(attempt.end_time),
@@ -95,28 +106,28 @@ def task_view(task: tasks_pb2.Task) -> RenderableType:
 
 
 def tasks_table(tasks: Sequence[tasks_pb2.Task]) -> Table:
-    table = Table("task_id", "function", "state", "attempts", "created", "updated")
+    shown = table("task_id", "function", "state", "attempts", "created", "updated")
     for task in tasks:
-        table.add_row(task.task_id, task.function, task_state(task.state),
+        shown.add_row(task.task_id, task.function, task_state(task.state),
                       str(task.attempt_count), time_of(task.create_time),
                       time_of(task.update_time))
-    return table
+    return shown
 
 
 def batch_table(results: Sequence[tasks_pb2.BatchCreateTaskResult]) -> Table:
-    table = Table("task_id", "state", "error")
+    shown = table("task_id", "state", "error")
     for result in results:
         if result.HasField("task"):
-            table.add_row(result.task.task_id, task_state(result.task.state), "")
+            shown.add_row(result.task.task_id, task_state(result.task.state), "")
         else:
-            table.add_row("", "", Text(f"{code_name(result.status.code)}: "
+            shown.add_row("", "", Text(f"{code_name(result.status.code)}: "
                                        f"{result.status.message}", style="red"))
-    return table
+    return shown
 
 
 def stages_table() -> Table:
     """The (growing) table of a watch: one row per state change."""
-    return Table("time", "state", "service", "attempt", "detail")
+    return table("time", "state", "service", "attempt", "detail")
 
 
 def add_stage(table: Table, stage: tasks_pb2.TaskStage) -> None:
@@ -133,15 +144,11 @@ def attempt_logs_view(logs: Sequence[tasks_pb2.AttemptLog]) -> RenderableType:
 
 
 def dead_letters_table(letters: Sequence[dead_letters_pb2.DeadLetter]) -> Table:
-    table = Table("task_id", "function", "dead since", "redrives", "last status")
+    shown = table("task_id", "function", "dead since", "redrives", "last status")
     for letter in letters:
-        table.add_row(letter.task_id, letter.function, time_of(letter.dead_letter_time),
+        shown.add_row(letter.task_id, letter.function, time_of(letter.dead_letter_time),
                       str(letter.redrive_count), Text(letter.last_status.message))
-    return table
-
-
-def operation_view(operation: operations_pb2.Operation) -> Table:
-    return details(operation)
+    return shown
 
 
 def code_name(code: int) -> str:
@@ -164,8 +171,8 @@ def error(console: Console, err: WeirError) -> None:
         lines.append(("retry after", f"{err.retry_after.total_seconds():g}s"))
         if err.subject:
             lines.append(("over the limit", err.subject))
-    grid = Table.grid(padding=(0, 2, 0, 2))
+    grid = Table.grid(padding=(0, 2))
     for key, value in lines:
         grid.add_row(Text(key), Text(value))
     if lines:
-        console.print(grid)
+        console.print(Padding.indent(grid, 2))
