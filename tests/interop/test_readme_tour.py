@@ -16,15 +16,17 @@ BLOCKS = re.findall(r"<!-- tour -->\n```(bash|python)\n(.*?)```", README, re.S)
 
 
 def test_the_readme_has_a_grpcurl_and_an_sdk_tour():
-    assert [kind for kind, _ in BLOCKS] == ["bash", "bash", "python", "bash"]
+    assert [kind for kind, _ in BLOCKS] == ["bash", "bash", "python", "bash", "bash"]
 
 
 @pytest.fixture
 def checkout_like(tmp_path, tenant):
-    """A folder laid out like a checkout after `make run`: the tenant's key, the tools."""
+    """A folder laid out like a checkout after `make run`: the tenant's key, the tools, the
+    venv (with `weir`)."""
     (tmp_path / ".weir").mkdir()
     (tmp_path / ".weir/demo-api-key").write_text(tenant[1] + "\n")
     (tmp_path / ".tools").symlink_to(ROOT / ".tools")
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
     return tmp_path
 
 
@@ -33,7 +35,7 @@ DEFAULT_METRICS_PORTS = {"gateway": 9464, "router": 9465, "dispatcher": 9466,
 
 
 @pytest.mark.parametrize("kind, code", BLOCKS,
-                         ids=["grpcurl", "flow-control", "sdk", "where-the-time-went"])
+                         ids=["grpcurl", "flow-control", "sdk", "cli", "where-the-time-went"])
 def test_the_tour_block_runs_as_written(suite, checkout_like, kind, code):
     code = code.replace("127.0.0.1:50051", suite.address("gateway"))
     for name, port in DEFAULT_METRICS_PORTS.items():  # the suite's services have their own
@@ -49,6 +51,10 @@ def test_the_tour_block_runs_as_written(suite, checkout_like, kind, code):
         assert sum(per_second) == 20 and max(per_second) <= 6 and len(per_second) >= 4, \
             per_second
         assert '"tenant_id"' in tenant
+    elif "weir tasks" in code:
+        assert "exit code 15" in result.stdout and "NOT_FOUND" in result.stderr
+        assert "slept 200 ms" in result.stdout and "hello" in result.stdout
+        assert result.stdout.count("SUCCEEDED") >= 20, result.stdout
     elif "traceparent" in code:
         spans = [line.split() for line in result.stdout.splitlines()
                  if re.match(r"^ +[0-9.]+ ms +[0-9.]+ ms ", line)]
