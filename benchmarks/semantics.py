@@ -69,7 +69,7 @@ def batch_cancel(client: Client, count: int) -> dict:
                             for _ in range(min(1000, count - start)))
     began = time.monotonic()
     operation = client.batch_cancel_tasks('function = "echo" AND state = TASK_STATE_SCHEDULED')
-    operation = client.wait_operation(operation.name, timeout=1800, poll_seconds=0.5)
+    operation = client.wait_operation(operation.name, timeout=1800)
     seconds = time.monotonic() - began
     return {"tasks": count, "processed": operation.processed_count,
             "seconds": round(seconds, 1), "per_second": round(operation.processed_count / seconds)}

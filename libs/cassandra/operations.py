@@ -44,6 +44,12 @@ class OperationStore:
                        "WHERE tenant_id = ? AND name = ? IF owner = ?")
         self._request_cancel = p("UPDATE operations SET cancel_requested = true "
                                  "WHERE tenant_id = ? AND name = ?")
+        self._insert_by_time = p(
+            "INSERT INTO operations_by_time (tenant_id, create_time, name) VALUES (?, ?, ?)")
+        by_time = "SELECT create_time, name FROM operations_by_time WHERE tenant_id = ?"
+        self._list_first = p(f"{by_time} LIMIT ?")
+        self._list_same_time = p(f"{by_time} AND create_time = ? AND name > ? LIMIT ?")
+        self._list_older = p(f"{by_time} AND create_time < ? LIMIT ?")
         self._delete_active = p(
             "DELETE FROM active_operations WHERE bucket = ? AND tenant_id = ? AND name = ?")
 
@@ -51,6 +57,9 @@ class OperationStore:
         """Stores a new operation and lists it as active; False when the name exists."""
         self._session.execute(self._insert_active, (ACTIVE_BUCKET, record.tenant_id,
                                                     record.operation.name))
+        self._session.execute(self._insert_by_time, (
+            record.tenant_id, record.operation.create_time.ToDatetime(tzinfo=UTC),
+            record.operation.name))
         return self._session.execute(self._insert, (
             record.tenant_id, record.operation.name, record.SerializeToString())).was_applied
 
@@ -62,6 +71,20 @@ class OperationStore:
             records_pb2.OperationRecord.FromString(row.record), row.owner,
             row.heartbeat.replace(tzinfo=UTC) if row.heartbeat else None,
             bool(row.cancel_requested))
+
+    def page(self, tenant_id: str, *, after: tuple[datetime, str] | None, limit: int
+             ) -> list[tuple[datetime, str]]:
+        """(create_time, name) of a tenant's operations newest first, after ``after`` (the
+        last row of the previous page)."""
+        if after is None:
+            rows = list(self._session.execute(self._list_first, (tenant_id, limit)))
+        else:
+            rows = list(self._session.execute(self._list_same_time,
+                                              (tenant_id, after[0], after[1], limit)))
+            if len(rows) < limit:
+                rows += self._session.execute(self._list_older,
+                                              (tenant_id, after[0], limit - len(rows)))
+        return [(r.create_time.replace(tzinfo=UTC), r.name) for r in rows]
 
     def active(self) -> list[tuple[str, str]]:
         return [(r.tenant_id, r.name)

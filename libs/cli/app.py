@@ -359,6 +359,16 @@ def functions() -> None:
     A function is a named handler with its policy (retries, rate limits, timeout)."""
 
 
+@functions.command("list")
+@limit_option
+@output_option
+@click.pass_obj
+def list_functions(session: Session, limit: int, output: str) -> None:
+    """List functions, by name."""
+    found = session.client().list_functions(page_size=min(limit, BATCH_LIMIT))
+    session.show_all(output, list(itertools.islice(found, limit)), render.functions_table)
+
+
 @functions.command("get")
 @click.argument("name")
 @output_option
@@ -498,6 +508,16 @@ def operations() -> None:
     long-running operations."""
 
 
+@operations.command("list")
+@limit_option
+@output_option
+@click.pass_obj
+def list_operations(session: Session, limit: int, output: str) -> None:
+    """List operations, newest first."""
+    found = session.client().list_operations(page_size=min(limit, BATCH_LIMIT))
+    session.show_all(output, list(itertools.islice(found, limit)), render.operations_table)
+
+
 @operations.command("get")
 @click.argument("name")
 @output_option
@@ -529,8 +549,9 @@ def finish_operation(session: Session, client: sdk.Client, operation: operations
         with session.progress() as bar:
             job = bar.add_task(operation.name, total=None)
             while operation.state not in OPERATION_FINAL and time.monotonic() < deadline:
-                time.sleep(0.25)  # polled, as the SDK's wait_operation does
-                operation = client.get_operation(operation.name)
+                # Short waits (WaitOperation) so the bar moves at least once a second.
+                operation = client.wait_operation(
+                    operation.name, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
                 bar.update(job, total=operation.matched_count or None,
                            completed=operation.processed_count)
     session.show(output, operation, render.details)

@@ -15,7 +15,7 @@ from rich.padding import Padding
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
-from weir.v1 import dead_letters_pb2, tasks_pb2
+from weir.v1 import dead_letters_pb2, functions_pb2, operations_pb2, tasks_pb2
 
 from libs.errors import InvalidArgument, ResourceExhausted, WeirError
 
@@ -148,6 +148,26 @@ def dead_letters_table(letters: Sequence[dead_letters_pb2.DeadLetter]) -> Table:
     for letter in letters:
         shown.add_row(letter.task_id, letter.function, time_of(letter.dead_letter_time),
                       str(letter.redrive_count), Text(letter.last_status.message))
+    return shown
+
+
+def operations_table(operations: Sequence[operations_pb2.Operation]) -> Table:
+    shown = table("name", "state", "description", "processed", "failed", "created")
+    for op in operations:
+        state = operations_pb2.OperationState.Name(op.state).removeprefix("OPERATION_STATE_")
+        shown.add_row(op.name, state, Text(op.description),
+                      f"{op.processed_count}/{op.matched_count}", str(op.failed_count),
+                      time_of(op.create_time))
+    return shown
+
+
+def functions_table(functions: Sequence[functions_pb2.Function]) -> Table:
+    shown = table("name", "state", "handler", "created")
+    for function in functions:
+        state = functions_pb2.FunctionState.Name(function.state).removeprefix(
+            "FUNCTION_STATE_")
+        shown.add_row(function.name, state, Text(function.handler),
+                      time_of(function.create_time))
     return shown
 
 

@@ -29,6 +29,7 @@ from libs.errors import from_rpc_error
 FINAL = {tasks_pb2.TaskState.TASK_STATE_SUCCEEDED, tasks_pb2.TaskState.TASK_STATE_FAILED,
          tasks_pb2.TaskState.TASK_STATE_CANCELLED, tasks_pb2.TaskState.TASK_STATE_EXPIRED}
 BATCH_LIMIT = 1000
+WAIT_CALL_SECONDS = 50.0  # one WaitOperation call's wait: under the server's 60 s bound
 OPERATION_FINAL = {operations_pb2.OperationState.OPERATION_STATE_SUCCEEDED,
                    operations_pb2.OperationState.OPERATION_STATE_FAILED,
                    operations_pb2.OperationState.OPERATION_STATE_CANCELLED}
@@ -41,7 +42,8 @@ SERVICE_CONFIG = json.dumps({"methodConfig": [{
        for m in ("GetFunction", "ListFunctions")]
     + [{"service": "weir.v1.DeadLetterService", "method": m}
        for m in ("GetDeadLetter", "ListDeadLetters")]
-    + [{"service": "weir.v1.OperationService", "method": "GetOperation"}],
+    + [{"service": "weir.v1.OperationService", "method": m}
+       for m in ("GetOperation", "ListOperations", "WaitOperation")],
     "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "1s",
                     "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
 }]})
@@ -201,6 +203,17 @@ class Client:
         """The caller's own tenant, with the limits the operator set over all its functions."""
         return self._call(self._tenants.GetTenant, tenants_pb2.GetTenantRequest())
 
+    def list_functions(self, *, page_size: int = 100) -> Iterator[functions_pb2.Function]:
+        """The tenant's functions by name, page by page."""
+        token = ""
+        while True:
+            page = self._call(self._functions.ListFunctions, functions_pb2.ListFunctionsRequest(
+                page_size=page_size, page_token=token))
+            yield from page.functions
+            token = page.next_page_token
+            if not token:
+                return
+
     def get_function(self, name: str) -> functions_pb2.Function:
         return self._call(self._functions.GetFunction, functions_pb2.GetFunctionRequest(name=name))
 
@@ -252,15 +265,38 @@ class Client:
         return self._call(self._operations.CancelOperation,
                           operations_pb2.CancelOperationRequest(name=name))
 
-    def wait_operation(self, name: str, *, timeout: float = 300.0,
-                       poll_seconds: float = 0.25) -> operations_pb2.Operation:
-        """Polls an operation until it ends (or ``timeout`` passes) and returns it."""
+    def list_operations(self, *, page_size: int = 100) -> Iterator[operations_pb2.Operation]:
+        """The tenant's operations, newest first, page by page."""
+        token = ""
+        while True:
+            page = self._call(self._operations.ListOperations,
+                              operations_pb2.ListOperationsRequest(page_size=page_size,
+                                                                   page_token=token))
+            yield from page.operations
+            token = page.next_page_token
+            if not token:
+                return
+
+    def wait_operation(self, name: str, *, timeout: float = 300.0) -> operations_pb2.Operation:
+        """Blocks until an operation ends (or ``timeout`` passes) and returns it.
+
+        One WaitOperation call per at most `WAIT_CALL_SECONDS` (the server's bound is 60 s).
+        """
         deadline = time.monotonic() + timeout
         while True:
-            operation = self.get_operation(name)
-            if operation.state in OPERATION_FINAL or time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            wait = max(0.0, min(left, WAIT_CALL_SECONDS))
+            request = operations_pb2.WaitOperationRequest(name=name)
+            # Zero would mean the server's default: ask for the least it takes instead.
+            request.timeout.FromTimedelta(timedelta(seconds=max(wait, 0.001)))
+            try:
+                # The call outlives the wait by a margin, for the answer to come back.
+                operation = self._operations.WaitOperation(
+                    request, timeout=wait + self._timeout, metadata=self._metadata)
+            except grpc.RpcError as error:
+                raise from_rpc_error(error) from error
+            if operation.state in OPERATION_FINAL or time.monotonic() >= deadline:
                 return operation
-            time.sleep(poll_seconds)
 
     def _call(self, method, request):
         try:

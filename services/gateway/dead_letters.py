@@ -17,7 +17,12 @@ from libs.pagetoken import PageTokens
 from services.gateway import validation
 from services.gateway.auth import current_tenant
 from services.gateway.filters import DeadLetterFilter
-from services.gateway.operations import OperationStarter, new_operation
+from services.gateway.operations import (
+    WAIT_DEFAULT_SECONDS,
+    WAIT_MAX_SECONDS,
+    OperationStarter,
+    new_operation,
+)
 
 Kind = records_pb2.OperationKind
 MAX_REDRIVE_IDS = 1000
@@ -101,8 +106,9 @@ class DeadLetterHandler(dead_letters_pb2_grpc.DeadLetterServiceServicer):
 
 
 class OperationHandler(operations_pb2_grpc.OperationServiceServicer):
-    def __init__(self, operations: OperationStarter) -> None:
+    def __init__(self, operations: OperationStarter, tokens: PageTokens) -> None:
         self._operations = operations
+        self._tokens = tokens
 
     def GetOperation(self, request: operations_pb2.GetOperationRequest, context: Context
                      ) -> operations_pb2.Operation:
@@ -111,3 +117,36 @@ class OperationHandler(operations_pb2_grpc.OperationServiceServicer):
     def CancelOperation(self, request: operations_pb2.CancelOperationRequest, context: Context
                         ) -> operations_pb2.Operation:
         return self._operations.cancel(current_tenant.get(), request.name)
+
+    def ListOperations(self, request: operations_pb2.ListOperationsRequest, context: Context
+                       ) -> operations_pb2.ListOperationsResponse:
+        validation.check_page(request.page_size, request.page_token)
+        tenant = current_tenant.get()
+        after = None
+        if request.page_token:
+            position = self._tokens.decode(request.page_token, listing="operations",
+                                           tenant_id=tenant)
+            try:
+                after = (datetime.fromisoformat(position[0]), str(position[1]))
+            except (TypeError, ValueError, IndexError, KeyError):
+                raise InvalidArgument({"page_token": "not a token this API returned"}) from None
+        found, last = self._operations.list(tenant, after=after,
+                                            limit=request.page_size or 100)
+        token = self._tokens.encode([last[0].isoformat(), last[1]], listing="operations",
+                                    tenant_id=tenant) if last else ""
+        return operations_pb2.ListOperationsResponse(operations=found, next_page_token=token)
+
+    def WaitOperation(self, request: operations_pb2.WaitOperationRequest, context: Context
+                      ) -> operations_pb2.Operation:
+        timeout = WAIT_DEFAULT_SECONDS
+        if request.HasField("timeout"):
+            problem = validation.duration_problem(request.timeout)
+            seconds = request.timeout.ToTimedelta().total_seconds()
+            if problem or not 0 <= seconds <= WAIT_MAX_SECONDS:
+                raise InvalidArgument({"timeout": f"between 0 (the default, "
+                                                  f"{WAIT_DEFAULT_SECONDS:g} s) and "
+                                                  f"{WAIT_MAX_SECONDS:g} seconds"})
+            timeout = seconds or WAIT_DEFAULT_SECONDS
+        call = current_call()
+        return self._operations.wait(current_tenant.get(), request.name, timeout=timeout,
+                                     call_deadline=call.deadline, cancelled=call.cancelled)

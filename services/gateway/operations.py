@@ -43,6 +43,10 @@ FINAL = frozenset({OpState.OPERATION_STATE_SUCCEEDED, OpState.OPERATION_STATE_FA
 CHECKPOINT_SECONDS = 0.5
 IN_FLIGHT = 8  # items processed at once by one operation
 REQUEST_ID_WINDOW = timedelta(hours=24)
+WAIT_DEFAULT_SECONDS = 30.0  # WaitOperation's timeout when unset (operations.proto)
+WAIT_MAX_SECONDS = 60.0  # bounded: a waiter holds a server thread
+WAIT_POLL_SECONDS = 0.25  # how often a waiter reads the operation (runners save twice a second)
+WAIT_ANSWER_MARGIN = 0.2  # seconds before the caller's deadline a waiter stops to answer
 
 # An item of work: (scan position after it, the action; True when done, False when skipped).
 Item = tuple[str, Callable[[], bool]]
@@ -88,6 +92,34 @@ class OperationStarter:
         if stored is None:
             raise NotFound(f"operation {name!r} not found", reason="OPERATION_NOT_FOUND")
         return stored.record.operation
+
+    def list(self, tenant_id: str, *, after: tuple[datetime, str] | None, limit: int
+             ) -> tuple[list[operations_pb2.Operation], tuple[datetime, str] | None]:
+        """Up to ``limit`` operations newest first after ``after``, and the position of the
+        last one (None when the listing ended)."""
+        rows = self._operations.page(tenant_id, after=after, limit=limit)
+        found = []
+        for row in rows:
+            stored = self._operations.get(tenant_id, row[1])
+            if stored is not None:
+                found.append(stored.record.operation)
+        return found, (rows[-1] if len(rows) == limit else None)
+
+    def wait(self, tenant_id: str, name: str, *, timeout: float,
+             call_deadline: float | None, cancelled: threading.Event
+             ) -> operations_pb2.Operation:
+        """Reads the operation until it is final, ``timeout`` seconds pass, the caller's
+        deadline nears or the caller goes; returns it as it stands."""
+        until = time.monotonic() + timeout
+        if call_deadline is not None:
+            until = min(until, call_deadline - WAIT_ANSWER_MARGIN)
+        while True:
+            operation = self.get(tenant_id, name)
+            left = until - time.monotonic()
+            if operation.state in FINAL or left <= 0:
+                return operation
+            if cancelled.wait(min(WAIT_POLL_SECONDS, left)):
+                return operation
 
     def cancel(self, tenant_id: str, name: str) -> operations_pb2.Operation:
         """Asks the operation to stop; it does at its next checkpoint (within a second)."""

@@ -69,6 +69,6 @@ def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submit
             servicer(dead_letters_pb2_grpc, "DeadLetterService", DeadLetterHandler(
                 dead_letters=dead_letters, operations=operations, tokens=tokens,
                 max_payload_bytes=config.max_payload_bytes)),
-            servicer(operations_pb2_grpc, "OperationService", OperationHandler(operations)),
+            servicer(operations_pb2_grpc, "OperationService", OperationHandler(operations, tokens)),
             servicer(tenants_pb2_grpc, "TenantService", TenantHandler(tenants)),
         ])

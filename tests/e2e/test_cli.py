@@ -149,3 +149,9 @@ def test_functions_pause_resume_and_dead_letters_redrive(weir):
     operation = as_json(weir("operations", "get", redrive["name"], "-o", "json"))
     assert operation["processed_count"] == "1"
     assert weir("operations", "wait", redrive["name"]).returncode == 0
+    listed = as_json(weir("operations", "list", "-o", "json"))
+    assert [op["name"] for op in listed] == [redrive["name"]]
+    assert redrive["name"] in weir("operations", "list").stdout
+    names = [f["name"] for f in as_json(weir("functions", "list", "-o", "json"))]
+    assert "again" in names and names == sorted(names)
+    assert "again" in weir("functions", "list", "--limit", "1000").stdout
