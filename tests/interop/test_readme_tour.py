@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -42,7 +43,9 @@ def test_the_tour_block_runs_as_written(suite, checkout_like, kind, code):
         code = code.replace(f"127.0.0.1:{port}/", f"127.0.0.1:{suite.metrics_ports[name]}/")
     command = ["bash", "-euo", "pipefail", "-c", code] if kind == "bash" \
         else [sys.executable, "-c", code]
+    # As wide as a terminal: off one, rich wraps weir's tables at 80 columns.
     result = subprocess.run(command, cwd=checkout_like, capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "200"},
                             timeout=120)
     assert result.returncode == 0, result.stderr
     if "paced" in code:
