@@ -9,6 +9,7 @@ from cassandra.cluster import ResponseFuture, Session
 from weir.storage.v1 import records_pb2
 from weir.v1 import common_pb2, dead_letters_pb2
 
+from libs.cassandra.session import NewestFirst
 from libs.cassandra.taskstate import StoredTask, timestamp_of
 
 
@@ -44,12 +45,9 @@ class DeadLetterStore:
             "INSERT INTO dead_letters_by_time (tenant_id, dead_letter_time, task_id, function, "
             "error_class) VALUES (?, ?, ?, ?, ?)")
         self._select = p("SELECT record FROM dead_letters WHERE tenant_id = ? AND task_id = ?")
-        columns = ("SELECT dead_letter_time, task_id, function, error_class "
-                   "FROM dead_letters_by_time")
-        self._list_first = p(f"{columns} WHERE tenant_id = ? LIMIT ?")
-        self._list_same_time = p(f"{columns} WHERE tenant_id = ? AND dead_letter_time = ? "
-                                 "AND task_id > ? LIMIT ?")
-        self._list_older = p(f"{columns} WHERE tenant_id = ? AND dead_letter_time < ? LIMIT ?")
+        self._by_time = NewestFirst.prepare(
+            session, "SELECT dead_letter_time, task_id, function, error_class "
+            "FROM dead_letters_by_time", time="dead_letter_time", key="task_id")
         self._delete = p("DELETE FROM dead_letters WHERE tenant_id = ? AND task_id = ?")
         self._delete_by_time = p("DELETE FROM dead_letters_by_time WHERE tenant_id = ? "
                                  "AND dead_letter_time = ? AND task_id = ?")
@@ -79,14 +77,7 @@ class DeadLetterStore:
     def page(self, tenant_id: str, *, after: tuple[datetime, str] | None, limit: int
              ) -> list[DeadLetterRow]:
         """Listing rows newest first, after ``after`` (the last row of the previous page)."""
-        if after is None:
-            rows = list(self._session.execute(self._list_first, (tenant_id, limit)))
-        else:
-            rows = list(self._session.execute(self._list_same_time,
-                                              (tenant_id, after[0], after[1], limit)))
-            if len(rows) < limit:
-                rows += self._session.execute(self._list_older,
-                                              (tenant_id, after[0], limit - len(rows)))
+        rows = self._by_time.page(self._session, tenant_id, after=after, limit=limit)
         return [DeadLetterRow(r.dead_letter_time.replace(tzinfo=UTC), r.task_id, r.function,
                               r.error_class) for r in rows]
 

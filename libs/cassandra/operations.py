@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from cassandra.cluster import Session
 from weir.storage.v1 import records_pb2
 
+from libs.cassandra.session import NewestFirst
 from libs.cassandra.taskstate import now_utc
 
 ACTIVE_BUCKET = 0  # few operations run at once: one partition lists them
@@ -46,10 +47,9 @@ class OperationStore:
                                  "WHERE tenant_id = ? AND name = ?")
         self._insert_by_time = p(
             "INSERT INTO operations_by_time (tenant_id, create_time, name) VALUES (?, ?, ?)")
-        by_time = "SELECT create_time, name FROM operations_by_time WHERE tenant_id = ?"
-        self._list_first = p(f"{by_time} LIMIT ?")
-        self._list_same_time = p(f"{by_time} AND create_time = ? AND name > ? LIMIT ?")
-        self._list_older = p(f"{by_time} AND create_time < ? LIMIT ?")
+        self._by_time = NewestFirst.prepare(
+            session, "SELECT create_time, name FROM operations_by_time", time="create_time",
+            key="name")
         self._delete_active = p(
             "DELETE FROM active_operations WHERE bucket = ? AND tenant_id = ? AND name = ?")
 
@@ -76,14 +76,7 @@ class OperationStore:
              ) -> list[tuple[datetime, str]]:
         """(create_time, name) of a tenant's operations newest first, after ``after`` (the
         last row of the previous page)."""
-        if after is None:
-            rows = list(self._session.execute(self._list_first, (tenant_id, limit)))
-        else:
-            rows = list(self._session.execute(self._list_same_time,
-                                              (tenant_id, after[0], after[1], limit)))
-            if len(rows) < limit:
-                rows += self._session.execute(self._list_older,
-                                              (tenant_id, after[0], limit - len(rows)))
+        rows = self._by_time.page(self._session, tenant_id, after=after, limit=limit)
         return [(r.create_time.replace(tzinfo=UTC), r.name) for r in rows]
 
     def active(self) -> list[tuple[str, str]]:

@@ -120,14 +120,8 @@ class Client:
 
     def list_tasks(self, filter: str = "", *, page_size: int = 100) -> Iterator[tasks_pb2.Task]:
         """Every task matching ``filter`` (see ListTasksRequest), newest first, page by page."""
-        token = ""
-        while True:
-            page = self._call(self._tasks.ListTasks, tasks_pb2.ListTasksRequest(
-                filter=filter, page_size=page_size, page_token=token))
-            yield from page.tasks
-            token = page.next_page_token
-            if not token:
-                return
+        return self._pages(self._tasks.ListTasks, tasks_pb2.ListTasksRequest(
+            filter=filter, page_size=page_size), "tasks")
 
     def get_attempt_log(self, task_id: str, attempt_number: int) -> tasks_pb2.AttemptLog:
         """What attempt ``attempt_number`` (1 for the first) of a task wrote: its stdout,
@@ -141,14 +135,8 @@ class Client:
                           ) -> Iterator[tasks_pb2.AttemptLog]:
         """The logs of every attempt of a task so far, oldest first, page by page
         (``page_size`` 0: the server's default, 10)."""
-        token = ""
-        while True:
-            page = self._call(self._tasks.ListAttemptLogs, tasks_pb2.ListAttemptLogsRequest(
-                task_id=task_id, page_size=page_size, page_token=token))
-            yield from page.attempt_logs
-            token = page.next_page_token
-            if not token:
-                return
+        return self._pages(self._tasks.ListAttemptLogs, tasks_pb2.ListAttemptLogsRequest(
+            task_id=task_id, page_size=page_size), "attempt_logs")
 
     def cancel_task(self, task_id: str, *, reason: str = "") -> tasks_pb2.Task:
         return self._call(self._tasks.CancelTask, tasks_pb2.CancelTaskRequest(
@@ -205,14 +193,8 @@ class Client:
 
     def list_functions(self, *, page_size: int = 100) -> Iterator[functions_pb2.Function]:
         """The tenant's functions by name, page by page."""
-        token = ""
-        while True:
-            page = self._call(self._functions.ListFunctions, functions_pb2.ListFunctionsRequest(
-                page_size=page_size, page_token=token))
-            yield from page.functions
-            token = page.next_page_token
-            if not token:
-                return
+        return self._pages(self._functions.ListFunctions,
+                           functions_pb2.ListFunctionsRequest(page_size=page_size), "functions")
 
     def get_function(self, name: str) -> functions_pb2.Function:
         return self._call(self._functions.GetFunction, functions_pb2.GetFunctionRequest(name=name))
@@ -237,15 +219,9 @@ class Client:
 
     def list_dead_letters(self, filter: str = "", *, page_size: int = 100
                           ) -> Iterator[dead_letters_pb2.DeadLetter]:
-        token = ""
-        while True:
-            page = self._call(self._dead_letters.ListDeadLetters,
-                              dead_letters_pb2.ListDeadLettersRequest(
-                                  filter=filter, page_size=page_size, page_token=token))
-            yield from page.dead_letters
-            token = page.next_page_token
-            if not token:
-                return
+        return self._pages(self._dead_letters.ListDeadLetters,
+                           dead_letters_pb2.ListDeadLettersRequest(
+                               filter=filter, page_size=page_size), "dead_letters")
 
     def redrive_dead_letters(self, task_ids: Iterable[str] = (), *, filter: str = "",
                              payload_override: bytes | None = None,
@@ -267,15 +243,9 @@ class Client:
 
     def list_operations(self, *, page_size: int = 100) -> Iterator[operations_pb2.Operation]:
         """The tenant's operations, newest first, page by page."""
-        token = ""
-        while True:
-            page = self._call(self._operations.ListOperations,
-                              operations_pb2.ListOperationsRequest(page_size=page_size,
-                                                                   page_token=token))
-            yield from page.operations
-            token = page.next_page_token
-            if not token:
-                return
+        return self._pages(self._operations.ListOperations,
+                           operations_pb2.ListOperationsRequest(page_size=page_size),
+                           "operations")
 
     def wait_operation(self, name: str, *, timeout: float = 300.0) -> operations_pb2.Operation:
         """Blocks until an operation ends (or ``timeout`` passes) and returns it.
@@ -297,6 +267,15 @@ class Client:
                 raise from_rpc_error(error) from error
             if operation.state in OPERATION_FINAL or time.monotonic() >= deadline:
                 return operation
+
+    def _pages(self, method: Any, request: Any, items: str) -> Iterator[Any]:
+        """Every item of a List call, page by page: ``request`` with each page's token."""
+        while True:
+            page = self._call(method, request)
+            yield from getattr(page, items)
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
 
     def _call(self, method, request):
         try:
