@@ -54,14 +54,22 @@ class OperationStore:
             "DELETE FROM active_operations WHERE bucket = ? AND tenant_id = ? AND name = ?")
 
     def create(self, record: records_pb2.OperationRecord) -> bool:
-        """Stores a new operation and lists it as active; False when the name exists."""
-        self._session.execute(self._insert_active, (ACTIVE_BUCKET, record.tenant_id,
-                                                    record.operation.name))
+        """Stores a new operation and lists it as active; False when the name exists.
+
+        The record is written first: a runner that finds a listed operation without its
+        record takes it for a finished one and unlists it."""
+        tenant_id, name = record.tenant_id, record.operation.name
+        if not self._session.execute(self._insert, (
+                tenant_id, name, record.SerializeToString())).was_applied:
+            return False
         self._session.execute(self._insert_by_time, (
-            record.tenant_id, record.operation.create_time.ToDatetime(tzinfo=UTC),
-            record.operation.name))
-        return self._session.execute(self._insert, (
-            record.tenant_id, record.operation.name, record.SerializeToString())).was_applied
+            tenant_id, record.operation.create_time.ToDatetime(tzinfo=UTC), name))
+        self.activate(tenant_id, name)
+        return True
+
+    def activate(self, tenant_id: str, name: str) -> None:
+        """Lists an operation for the runners (again: idempotent)."""
+        self._session.execute(self._insert_active, (ACTIVE_BUCKET, tenant_id, name))
 
     def get(self, tenant_id: str, name: str) -> StoredOperation | None:
         row = self._session.execute(self._select, (tenant_id, name)).one()

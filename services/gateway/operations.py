@@ -82,9 +82,17 @@ class OperationStarter:
             claim = self._dedup.claim(tenant_id, "operation/" + request_id,
                                       record.operation.name, window=REQUEST_ID_WINDOW)
             if not claim.granted:
-                return self.get(tenant_id, claim.task_id)
+                return self._repeat(tenant_id, claim.task_id)
         self._operations.create(record)
         return record.operation
+
+    def _repeat(self, tenant_id: str, name: str) -> operations_pb2.Operation:
+        """The operation a first call started; listed for the runners again, in case that
+        call failed between storing and listing it."""
+        operation = self.get(tenant_id, name)
+        if operation.state not in FINAL:
+            self._operations.activate(tenant_id, name)
+        return operation
 
     def get(self, tenant_id: str, name: str) -> operations_pb2.Operation:
         check_operation_name(name)

@@ -105,3 +105,40 @@ def test_attempt_logs_are_read_back_listed_in_order_deleted_and_expire(cassandra
     assert short.get(tenant, "task-2", 1) is not None
     eventually(lambda: short.get(tenant, "task-2", 1) is None, timeout=10,
                message="the log's TTL ended")
+
+
+def test_an_operation_listed_for_the_runners_always_has_its_record(cassandra):
+    """Before: the listing was written first, and a runner that read it in between took the
+    operation for a finished one and unlisted it: it stayed PENDING for ever."""
+    import threading
+
+    from weir.storage.v1 import records_pb2
+
+    from libs.cassandra.operations import OperationStore
+    from services.gateway.operations import new_operation
+
+    store, tenant = OperationStore(cassandra), unique("t")
+    done, listed_without_record = threading.Event(), []
+
+    def runner_view() -> None:  # what OperationRunner.poll reads, as fast as it can
+        while not done.is_set():
+            for key in store.active():
+                if key[0] == tenant and store.get(*key) is None:
+                    listed_without_record.append(key)
+
+    reader = threading.Thread(target=runner_view)
+    reader.start()
+    try:
+        names = []
+        for _ in range(40):
+            record = new_operation(tenant, records_pb2.OperationKind.OPERATION_KIND_DELETE_TASKS,
+                                   "test", filter='state = "FAILED"', items_per_second=1)
+            assert store.create(record)
+            names.append(record.operation.name)
+    finally:
+        done.set()
+        reader.join()
+    assert listed_without_record == []
+    assert not store.create(record), "a name is stored once"
+    for name in names:
+        store.deactivate(tenant, name)
