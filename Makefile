@@ -10,10 +10,11 @@ GEN := gen/python
 TOOLS := $(CURDIR)/.tools/bin
 GRPCURL_VERSION := v1.9.3
 BUF_VERSION := v1.50.0
-PROTOS := $(shell find protos -name '*.proto')
+# Weir's own protos; the Google ones vendored under protos/google come with googleapis-common-protos.
+PROTOS := $(shell find protos/weir -name '*.proto')
 GATEWAY := 127.0.0.1:$(or $(WEIR_GATEWAY_PORT),50051)
 
-.PHONY: help venv lock proto tools credentials worker-user engines schema topics bootstrap run stop status test bench lint clean
+.PHONY: help venv lock proto api-baseline tools credentials worker-user engines schema topics bootstrap run stop status test bench lint clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -86,11 +87,14 @@ stop: ## Stop the services, then Kafka, Cassandra and Jaeger.
 status: ## Show what is running.
 	@deploy/local/services.sh status; deploy/local/engines.sh status
 
-lint: venv proto tools ## ruff, mypy and buf lint.
+lint: venv proto tools ## ruff, mypy, buf lint and buf breaking.
 	$(VENV)/bin/ruff check libs services tests benchmarks deploy
 	$(VENV)/bin/mypy  # configured in pyproject.toml; reads gen/python, hence proto
-	mkdir -p .cache/protodeps/google/rpc && cp "$(SITE)/google/rpc/status.proto" .cache/protodeps/google/rpc/
 	$(TOOLS)/buf lint
+	$(TOOLS)/buf breaking --against protos/api-baseline.binpb.gz
+
+api-baseline: tools ## Record the protos as published: later changes must stay wire and JSON compatible.
+	$(TOOLS)/buf build -o protos/api-baseline.binpb.gz
 
 test: venv proto tools worker-user ## Run every test against real Kafka and Cassandra (stops what it started).
 	$(MAKE) --no-print-directory lint

@@ -52,7 +52,7 @@ _UNTRACED = filters.negate(filters.any_of(
     filters.health_check(),
     filters.service_prefix("grpc.reflection."),
     filters.full_method_name("/weir.internal.dispatcher.v1.DispatcherService/Work"),
-    filters.full_method_name("/weir.v1.WorkerService/Run"),
+    filters.full_method_name("/weir.worker.v1.WorkerService/Run"),
     # A watcher that leaves closes the stream in another context, and the instrumentation
     # logs an error for each; the watched task has its own trace.
     filters.full_method_name("/weir.v1.TaskService/WatchTask"),

@@ -1,4 +1,4 @@
-"""The Python worker runtime: serves the worker protocol (weir.v1.WorkerService) for handlers.
+"""The Python worker runtime: serves the worker protocol (weir.worker.v1.WorkerService).
 
 The executor-manager starts ``python -m libs.sdk.worker --address unix:///…/worker-0.sock
 --handler-packages examples,tests.handlers --slots 8``, writes a fresh random token as the
@@ -44,7 +44,8 @@ import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from weir.v1 import common_pb2, worker_pb2, worker_pb2_grpc
+from weir.v1 import common_pb2
+from weir.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from libs.sdk.capture import (
     DEFAULT_MAX_BYTES as DEFAULT_LOG_MAX_BYTES,

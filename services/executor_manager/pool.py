@@ -10,7 +10,7 @@ in a mount namespace of their own, where the directories holding secrets are hid
 `WorkerPool` never blocks its caller: `submit` places attempts on workers with a free slot
 (or queues them), and what happens to them comes back through two callbacks, called on the
 pool's own thread. Each worker process holds one ``WorkerService.Run`` stream (the worker
-protocol, ``protos/weir/v1/worker.proto``) on which attempts go out and starts and ends come
+protocol, ``protos/weir/worker/v1/worker.proto``) on which attempts go out and starts and ends come
 back, both batched. The only way to stop an attempt early is to kill its process: a timeout
 or a cancel ends the other attempts of that process WORKER_CRASHED, and the pool starts a
 fresh process in its place.
@@ -42,7 +42,8 @@ from typing import Any
 
 import grpc
 from google.rpc import code_pb2, status_pb2
-from weir.v1 import common_pb2, tasks_pb2, worker_pb2, worker_pb2_grpc
+from weir.v1 import common_pb2, tasks_pb2
+from weir.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from libs import logs
 from libs.config import WeirConfig

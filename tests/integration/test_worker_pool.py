@@ -20,7 +20,8 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import code_pb2
-from weir.v1 import common_pb2, tasks_pb2, worker_pb2, worker_pb2_grpc
+from weir.v1 import common_pb2, tasks_pb2
+from weir.worker.v1 import worker_pb2, worker_pb2_grpc
 
 from libs.healthcheck import is_serving
 from services.executor_manager.pool import (

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from weir.internal.dispatcher.v1 import dispatcher_pb2
-from weir.v1 import worker_pb2
+from weir.worker.v1 import worker_pb2
 
 from libs import config as weir_config, sdk
 from libs.cassandra.attempt_logs import StoredLog

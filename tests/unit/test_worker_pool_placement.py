@@ -9,7 +9,8 @@ from typing import Any
 
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, status_pb2
-from weir.v1 import common_pb2, tasks_pb2, worker_pb2
+from weir.v1 import common_pb2, tasks_pb2
+from weir.worker.v1 import worker_pb2
 
 from services.executor_manager.pool import (
     AttemptSpec,

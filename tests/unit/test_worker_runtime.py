@@ -10,7 +10,8 @@ from datetime import timedelta
 
 import pytest
 from google.rpc import code_pb2
-from weir.v1 import common_pb2, worker_pb2
+from weir.v1 import common_pb2
+from weir.worker.v1 import worker_pb2
 
 from libs import sdk
 from libs.sdk import worker
