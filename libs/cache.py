@@ -55,6 +55,13 @@ class TtlCache:
             with self._lock:
                 self._refreshing.discard(key)
 
+    def reload(self, *key: Any) -> None:
+        """Fetches one key now (on the caller's thread), so that readers, `get_nowait`'s
+        included, see the new value at once."""
+        value = self._fetch(*key)
+        with self._lock:
+            self._values[key] = (value, self._clock() + self._ttl)
+
     def forget(self, *key: Any) -> None:
         """Drops one key: its next `get` fetches (after a change made through this process)."""
         with self._lock:

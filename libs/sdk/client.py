@@ -205,6 +205,14 @@ class Client:
         return self._call(self._functions.DeleteFunction,
                           functions_pb2.DeleteFunctionRequest(name=name, force=force))
 
+    def update_function(self, function: functions_pb2.Function, paths: Iterable[str]
+                        ) -> functions_pb2.Function:
+        """Changes the fields of ``function`` named in ``paths`` (e.g. ``["timeout"]``); the
+        function is selected by its ``name``."""
+        request = functions_pb2.UpdateFunctionRequest(function=function)
+        request.update_mask.paths.extend(paths)
+        return self._call(self._functions.UpdateFunction, request)
+
     def pause_function(self, name: str) -> functions_pb2.Function:
         return self._call(self._functions.PauseFunction,
                           functions_pb2.PauseFunctionRequest(name=name))

@@ -9,7 +9,11 @@ from weir.v1.common_pb2 import Priority
 from libs import service, tls
 from libs.cassandra.attempt_logs import AttemptLogStore
 from libs.cassandra.dead_letters import DeadLetterStore
-from libs.cassandra.functions import FunctionStore
+from libs.cassandra.functions import (
+    FUNCTION_CHANGE_POLL_SECONDS,
+    FunctionChangeFeed,
+    FunctionStore,
+)
 from libs.cassandra.owners import PartitionOwners
 from libs.cassandra.parked import ParkedStore
 from libs.cassandra.partition_index import PartitionIndex
@@ -45,7 +49,11 @@ def start(config: WeirConfig) -> service.Started:
     lease = timedelta(seconds=config.lease_seconds)
     tasks, index = TaskStateStore(session), PartitionIndex(session)
     owners = PartitionOwners(session)
-    functions = Functions(FunctionStore(session))
+    function_store = FunctionStore(session)
+    functions = Functions(function_store)
+    function_changes = Periodic("function-changes", FUNCTION_CHANGE_POLL_SECONDS,
+                                FunctionChangeFeed(function_store, on_change=functions.changed,
+                                                   on_lost=functions.lost).poll).start()
     tenants = TenantLimits(TenantStore(session))
     owner_name = f"dispatcher-{config.advertise_host}-{os.getpid()}"
     metrics = DispatcherMetrics(labels=TenantLabels(config.metrics_max_tenant_labels))
@@ -97,6 +105,7 @@ def start(config: WeirConfig) -> service.Started:
                         on_death=lambda exc: started[0].fail(), rank=tiers.__getitem__)
 
     def drain() -> None:
+        function_changes.stop()
         loop.stop()
         pacing.stop()
         limits.stop()

@@ -80,7 +80,8 @@ def resolve(future: ResponseFuture) -> Future:
 
 
 class Functions:
-    """Functions by (tenant, name), cached: a pause reaches dispatching within ``ttl``."""
+    """Functions by (tenant, name), cached: a change reaches dispatching when the change feed
+    reports it (`changed`), and within ``ttl`` regardless."""
 
     def __init__(self, store: FunctionStore, *, ttl: float = 1.0) -> None:
         self._cache = TtlCache(store.get, ttl=ttl)
@@ -98,6 +99,14 @@ class Functions:
         """Read now, not from the cache (which it refreshes)."""
         self._cache.forget(tenant_id, name)
         return self._cache.get(tenant_id, name)
+
+    def changed(self, tenant_id: str, name: str) -> None:
+        """The function changed (`FunctionChangeFeed`): read it now, so that `now` returns it."""
+        self._cache.reload(tenant_id, name)
+
+    def lost(self) -> None:
+        """Changes may have been missed: read each function again when next asked."""
+        self._cache.clear()
 
 
 class TenantLimits:

@@ -15,7 +15,11 @@ from libs.cache import TtlCache
 from libs.cassandra.attempt_logs import AttemptLogStore
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.dedup import DedupStore
-from libs.cassandra.functions import FunctionStore
+from libs.cassandra.functions import (
+    FUNCTION_CHANGE_POLL_SECONDS,
+    FunctionChangeFeed,
+    FunctionStore,
+)
 from libs.cassandra.listing import TaskListing
 from libs.cassandra.operations import OperationStore
 from libs.cassandra.parked import ParkedStore
@@ -83,6 +87,9 @@ def start(config: WeirConfig) -> service.Started:
     admission = Admission(backlog_threshold=config.admission_backlog,
                           tenant_threshold=config.admission_tenant_backlog)
     function_cache = TtlCache(functions.get, ttl=FUNCTION_CACHE_SECONDS)
+    function_changes = Periodic("function-changes", FUNCTION_CHANGE_POLL_SECONDS,
+                                FunctionChangeFeed(functions, on_change=function_cache.forget,
+                                                   on_lost=function_cache.clear).poll).start()
     submitter = Submitter(tasks=tasks, listing=listing, submissions=submissions,
                           functions=function_cache, dedup=dedup, route=route, producer=producer,
                           crash_after_store=config.fault == "gateway.crash_after_store",
@@ -110,6 +117,7 @@ def start(config: WeirConfig) -> service.Started:
     operation_polls = Periodic("operation-runner", OPERATION_POLL_SECONDS, runner.poll).start()
 
     def drain() -> None:
+        function_changes.stop()
         backlog_poll.stop()
         operation_polls.stop()
         runner.stop()

@@ -45,8 +45,9 @@ State = tasks_pb2.TaskState
 QUEUED, SCHEDULED = State.TASK_STATE_QUEUED, State.TASK_STATE_SCHEDULED
 ACCEPTED = State.TASK_STATE_ACCEPTED
 DELETING = functions_pb2.FunctionState.FUNCTION_STATE_DELETING
-# How long a gateway trusts a function it read: a change made through another gateway (a
-# pause, a forced delete) reaches this one's submissions within this time.
+# How long a gateway trusts a function it read, at most: a change made through another
+# gateway is reported by the function change feed within a second; this bounds how late it
+# applies while the feed cannot read the change log.
 FUNCTION_CACHE_SECONDS = 5.0
 ROUTE_CACHE_SECONDS = 30.0
 # A partition with this many tasks waiting is busy: new tasks go to the others of their

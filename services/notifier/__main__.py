@@ -1,13 +1,18 @@
 """Runs the notifier: ``python -m services.notifier``."""
 
 from libs import service
-from libs.cassandra.functions import FunctionStore
+from libs.cassandra.functions import (
+    FUNCTION_CHANGE_POLL_SECONDS,
+    FunctionChangeFeed,
+    FunctionStore,
+)
 from libs.cassandra.session import close, connect
 from libs.cassandra.taskstate import TaskStateStore
 from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from libs.kafka.client import Consumer
 from libs.kafka.topics import results_topic
+from libs.periodic import Periodic
 from services.notifier.engine import DeliveryStore, Notifier, WebhookSender
 from services.notifier.metrics import NotifierMetrics
 from services.notifier.server import create_server
@@ -26,17 +31,23 @@ def start(config: WeirConfig) -> service.Started:
                         group_id=f"{config.topic_prefix}-notifiers", client_id="notifier",
                         topics=[results_topic(config.topic_prefix)])
     started: list[service.Started] = []
+    functions = FunctionStore(session)
     notifier = Notifier(consumer=consumer, tenants=TenantStore(session),
-                        functions=FunctionStore(session), sender=sender, watchers=watchers,
+                        functions=functions, sender=sender, watchers=watchers,
                         on_death=lambda: started[0].fail())
+    function_changes = Periodic("function-changes", FUNCTION_CHANGE_POLL_SECONDS,
+                                FunctionChangeFeed(functions, on_change=notifier.function_changed,
+                                                   on_lost=notifier.functions_lost).poll)
     server = create_server(config, tasks=tasks, watchers=watchers)
 
     def drain() -> None:
+        function_changes.stop()
         notifier.stop()
         sender.stop()
 
     started.append(service.Started(server=server, drain=drain, close=lambda: close(session)))
     notifier.start()
+    function_changes.start()
     return started[0]
 
 

@@ -209,8 +209,9 @@ class Notifier:
     hold up its partition's commits (so is a function record that cannot be parsed: its
     targets are skipped). A failure to read the function or tenant (Cassandra unreachable)
     raises, which nacks the message: it comes again.
-    The outcome carries the task's targets; functions and tenants are cached, so a changed
-    function target or webhook secret applies within ``cache_seconds``.
+    The outcome carries the task's targets; functions and tenants are cached: a changed
+    function's targets apply once the change feed reports it (`function_changed`), a changed
+    tenant webhook secret within ``cache_seconds``.
     """
 
     def __init__(self, *, consumer: Consumer, tenants: TenantStore, functions: FunctionStore,
@@ -226,6 +227,12 @@ class Notifier:
     def start(self) -> Notifier:
         self._loop.start()
         return self
+
+    def function_changed(self, tenant_id: str, name: str) -> None:
+        self._functions.forget(tenant_id, name)
+
+    def functions_lost(self) -> None:
+        self._functions.clear()
 
     def stop(self) -> None:
         self._loop.stop()

@@ -142,3 +142,22 @@ def test_an_operation_listed_for_the_runners_always_has_its_record(cassandra):
     assert not store.create(record), "a name is stored once"
     for name in names:
         store.deactivate(tenant, name)
+
+
+def test_every_change_to_a_function_is_in_the_change_log(cassandra):
+    from datetime import timedelta as span
+
+    from weir.v1 import functions_pb2
+
+    from libs.cassandra.functions import FunctionStore
+    from libs.cassandra.taskstate import now_utc
+
+    store, tenant, since = FunctionStore(cassandra), unique("t"), now_utc() - span(seconds=1)
+    function = functions_pb2.Function(name="resize", handler="examples.demo:echo")
+    assert store.create(tenant, function) and not store.create(tenant, function)
+    function.description = "changed"
+    assert store.update(tenant, function)
+    assert store.delete(tenant, "resize") and not store.delete(tenant, "resize")
+    assert not store.update(tenant, function)
+    mine = [(t, n) for _, t, n in store.changes(since) if t == tenant]
+    assert mine == [(tenant, "resize")] * 3  # created, updated, deleted; not the refusals
