@@ -214,9 +214,11 @@ class WeirConfig:
         False, "Allow webhook targets that resolve to loopback, private, link-local or other "
         "non-public addresses (local development and tests only).")
     max_streams_per_tenant: int = setting(
-        16, "WatchTask streams one tenant may hold open at once, per gateway.",
+        16, "Long-lived calls (WatchTask streams, WaitOperation waits) one tenant may hold "
+        "open at once, per gateway.",
         check=_positive, rule="> 0")
-    max_streams: int = setting(1000, "WatchTask streams open at once, per gateway.",
+    max_streams: int = setting(1000, "Long-lived calls (WatchTask streams, WaitOperation "
+                               "waits) open at once, per gateway.",
                                check=_positive, rule="> 0")
 
     fault: str = setting(

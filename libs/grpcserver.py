@@ -117,6 +117,15 @@ def current_call() -> Call:
     return _current_call.get(Call())
 
 
+NO_DEADLINE = 1e9  # seconds; grpc reports 'no deadline' as a remaining time beyond this
+
+
+def time_remaining(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's remaining time in seconds; None when it set no deadline."""
+    remaining = context.time_remaining()
+    return remaining if remaining is not None and remaining < NO_DEADLINE else None
+
+
 class _Bridge:
     """Runs blocking behaviours in the server's thread pool, as async behaviours.
 
@@ -125,16 +134,13 @@ class _Bridge:
     code sees through `current_call()`.
     """
 
-    NO_DEADLINE = 1e9  # seconds; grpc reports 'no deadline' as a remaining time beyond this
-
     def __init__(self, pool: futures.ThreadPoolExecutor) -> None:
         self._pool = pool
 
     async def run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T],
                   *args: Any) -> T:
-        remaining = context.time_remaining()
-        call = Call(time.monotonic() + remaining
-                    if remaining is not None and remaining < self.NO_DEADLINE else None)
+        remaining = time_remaining(context)
+        call = Call(time.monotonic() + remaining if remaining is not None else None)
         _current_call.set(call)  # this task's context, copied into the thread below
         run = contextvars.copy_context().run
         try:

@@ -4,6 +4,7 @@ operations that act on many tasks. Proto <-> engine translation only."""
 from __future__ import annotations
 
 import math
+import time
 from datetime import datetime
 
 import grpc
@@ -12,7 +13,7 @@ from weir.v1 import dead_letters_pb2, dead_letters_pb2_grpc, operations_pb2, ope
 
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.errors import DeadlineExceeded, InvalidArgument, NotFound
-from libs.grpcserver import current_call
+from libs.grpcserver import current_call, time_remaining
 from libs.pagetoken import PageTokens
 from services.gateway import validation
 from services.gateway.auth import current_tenant
@@ -23,6 +24,7 @@ from services.gateway.operations import (
     OperationStarter,
     new_operation,
 )
+from services.gateway.streams import StreamQuota
 
 Kind = records_pb2.OperationKind
 MAX_REDRIVE_IDS = 1000
@@ -106,9 +108,11 @@ class DeadLetterHandler(dead_letters_pb2_grpc.DeadLetterServiceServicer):
 
 
 class OperationHandler(operations_pb2_grpc.OperationServiceServicer):
-    def __init__(self, operations: OperationStarter, tokens: PageTokens) -> None:
+    def __init__(self, operations: OperationStarter, tokens: PageTokens,
+                 streams: StreamQuota) -> None:
         self._operations = operations
         self._tokens = tokens
+        self._streams = streams  # WaitOperation calls count as the tenant's open streams
 
     def GetOperation(self, request: operations_pb2.GetOperationRequest, context: Context
                      ) -> operations_pb2.Operation:
@@ -136,8 +140,9 @@ class OperationHandler(operations_pb2_grpc.OperationServiceServicer):
                                     tenant_id=tenant) if last else ""
         return operations_pb2.ListOperationsResponse(operations=found, next_page_token=token)
 
-    def WaitOperation(self, request: operations_pb2.WaitOperationRequest, context: Context
-                      ) -> operations_pb2.Operation:
+    async def WaitOperation(self, request: operations_pb2.WaitOperationRequest,
+                            context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
+        """A coroutine holding no thread while it waits; counted with the tenant's streams."""
         timeout = WAIT_DEFAULT_SECONDS
         if request.HasField("timeout"):
             problem = validation.duration_problem(request.timeout)
@@ -147,6 +152,12 @@ class OperationHandler(operations_pb2_grpc.OperationServiceServicer):
                                                   f"{WAIT_DEFAULT_SECONDS:g} s) and "
                                                   f"{WAIT_MAX_SECONDS:g} seconds"})
             timeout = seconds or WAIT_DEFAULT_SECONDS
-        call = current_call()
-        return self._operations.wait(current_tenant.get(), request.name, timeout=timeout,
-                                     call_deadline=call.deadline, cancelled=call.cancelled)
+        tenant = current_tenant.get()
+        remaining = time_remaining(context)
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        close = self._streams.open(tenant)
+        try:
+            return await self._operations.wait(tenant, request.name, timeout=timeout,
+                                               call_deadline=deadline)
+        finally:
+            close()

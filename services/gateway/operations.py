@@ -9,6 +9,7 @@ the last few is harmless.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import functools
 import json
@@ -113,21 +114,20 @@ class OperationStarter:
                 found.append(stored.record.operation)
         return found, (rows[-1] if len(rows) == limit else None)
 
-    def wait(self, tenant_id: str, name: str, *, timeout: float,
-             call_deadline: float | None, cancelled: threading.Event
-             ) -> operations_pb2.Operation:
-        """Reads the operation until it is final, ``timeout`` seconds pass, the caller's
-        deadline nears or the caller goes; returns it as it stands."""
+    async def wait(self, tenant_id: str, name: str, *, timeout: float,
+                   call_deadline: float | None) -> operations_pb2.Operation:
+        """Reads the operation until it is final, ``timeout`` seconds pass or the caller's
+        deadline nears; returns it as it stands. A coroutine: a waiter holds no thread (a
+        caller that leaves cancels it)."""
         until = time.monotonic() + timeout
         if call_deadline is not None:
             until = min(until, call_deadline - WAIT_ANSWER_MARGIN)
         while True:
-            operation = self.get(tenant_id, name)
+            operation = await asyncio.to_thread(self.get, tenant_id, name)
             left = until - time.monotonic()
             if operation.state in FINAL or left <= 0:
                 return operation
-            if cancelled.wait(min(WAIT_POLL_SECONDS, left)):
-                return operation
+            await asyncio.sleep(min(WAIT_POLL_SECONDS, left))
 
     def cancel(self, tenant_id: str, name: str) -> operations_pb2.Operation:
         """Asks the operation to stop; it does at its next checkpoint (within a second)."""

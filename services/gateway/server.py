@@ -45,12 +45,13 @@ def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submit
     authenticator = ApiKeyAuthenticator(
         tenant_of=tenants.tenant_of, cache_for=timedelta(seconds=config.api_key_cache_seconds))
     tokens = PageTokens(tls.page_token_key(config))
+    # Long-lived calls (WatchTask streams, WaitOperation waits) per tenant and in all.
+    streams = StreamQuota(per_tenant=config.max_streams_per_tenant, total=config.max_streams)
     task_handler = TaskHandler(submitter=submitter, control=control,
                                operations=operations, notifier=notifier,
                                max_payload_bytes=config.max_payload_bytes,
                                batch_rate=config.batch_items_per_second,
-                               streams=StreamQuota(per_tenant=config.max_streams_per_tenant,
-                                                   total=config.max_streams),
+                               streams=streams,
                                tokens=tokens,
                                allow_private_targets=config.webhook_allow_private,
                                admission=admission)
@@ -69,6 +70,7 @@ def create_server(config: WeirConfig, *, tenants: TenantStore, submitter: Submit
             servicer(dead_letters_pb2_grpc, "DeadLetterService", DeadLetterHandler(
                 dead_letters=dead_letters, operations=operations, tokens=tokens,
                 max_payload_bytes=config.max_payload_bytes)),
-            servicer(operations_pb2_grpc, "OperationService", OperationHandler(operations, tokens)),
+            servicer(operations_pb2_grpc, "OperationService", OperationHandler(
+                operations, tokens, streams)),
             servicer(tenants_pb2_grpc, "TenantService", TenantHandler(tenants)),
         ])

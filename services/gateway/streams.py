@@ -1,4 +1,5 @@
-"""Caps on open WatchTask streams: per tenant and in all, per gateway."""
+"""Caps on long-lived calls (WatchTask streams, WaitOperation waits): per tenant and in all,
+per gateway."""
 
 from __future__ import annotations
 
@@ -39,12 +40,13 @@ class StreamQuota:
         with self._lock:
             if self._open[tenant_id] >= self._per_tenant:
                 raise StreamQuotaExceeded(
-                    f"this tenant has {self._per_tenant} WatchTask streams open on this "
-                    "gateway, its most", subject=f"tenant:{tenant_id}",
+                    f"this tenant has {self._per_tenant} WatchTask streams and WaitOperation "
+                    "calls open on this gateway, its most", subject=f"tenant:{tenant_id}",
                     quota="max_streams_per_tenant")
             if self._open.total() >= self._total:
                 raise StreamQuotaExceeded(
-                    f"this gateway serves {self._total} WatchTask streams, its most",
+                    f"this gateway serves {self._total} WatchTask streams and WaitOperation "
+                    "calls, its most",
                     subject="gateway", quota="max_streams")
             self._open[tenant_id] += 1
         closed = threading.Event()

@@ -15,6 +15,7 @@ from weir.v1 import operations_pb2, tasks_pb2, tasks_pb2_grpc
 from libs import tracing
 from libs.cassandra.taskstate import StoredTask, TaskKey
 from libs.errors import InvalidArgument, NotFound, Unavailable, Unimplemented
+from libs.grpcserver import time_remaining
 from libs.pagetoken import PageTokens
 from services.gateway import validation
 from services.gateway.admission import Admission
@@ -29,7 +30,6 @@ from services.gateway.streams import StreamQuota
 
 View = tasks_pb2.TaskView
 Kind = records_pb2.OperationKind
-NO_DEADLINE = 1e9  # seconds; grpc reports 'no deadline' as a remaining time beyond this
 Context = grpc.ServicerContext
 
 
@@ -174,7 +174,7 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
             await asyncio.to_thread(self._get, request.task_id)
             events = self._notifier().WatchTask(
                 notifier_pb2.WatchTaskRequest(tenant_id=tenant, task_id=request.task_id),
-                timeout=_deadline_of(context))
+                timeout=time_remaining(context))
             try:
                 async for reply in events:
                     yield await asyncio.to_thread(self._response, reply, tenant,
@@ -202,9 +202,3 @@ class TaskHandler(tasks_pb2_grpc.TaskServiceServicer):
         if stored.state == tasks_pb2.TaskState.TASK_STATE_SUCCEEDED:
             task.result = stored.result
         return tasks_pb2.WatchTaskResponse(stage=stage, task=task)
-
-
-def _deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The caller's remaining time, to pass upstream (None when it set no deadline)."""
-    remaining = context.time_remaining()
-    return remaining if remaining is not None and remaining < NO_DEADLINE else None

@@ -21,6 +21,7 @@ from weir.v1 import (
     functions_pb2,
     functions_pb2_grpc,
     operations_pb2,
+    operations_pb2_grpc,
     tasks_pb2,
     tasks_pb2_grpc,
 )
@@ -106,6 +107,51 @@ def test_watch_streams_are_capped_per_tenant_and_hold_no_thread_others_need(
         eventually(lambda: next(gateway.WatchTask(request, metadata=auth(api_key),
                                                   timeout=10)).stage.state
                    == State.TASK_STATE_ACCEPTED, timeout=10)
+
+
+def test_operation_waits_are_capped_with_the_streams_and_hold_no_thread(
+        suite, tenant, tenant_factory):
+    """Before: each WaitOperation held one of the gateway's threads for up to a minute, and
+    nothing capped how many a tenant held."""
+    _, api_key = tenant
+    _, other_key = tenant_factory()
+    operations = operations_pb2_grpc.OperationServiceStub(
+        grpc.insecure_channel(suite.address("gateway")))
+    with suite.client(api_key) as client, suite.client(other_key) as other:
+        # A re-drive paced at one a second through 200 IDs: it runs for minutes.
+        slow = client.redrive_dead_letters([f"absent-{i}" for i in range(200)], per_second=1)
+        mine = other.create_task("echo", b"y")
+
+        def wait(seconds: float) -> operations_pb2.WaitOperationRequest:
+            return operations_pb2.WaitOperationRequest(
+                name=slow.name, timeout=duration_pb2.Duration(nanos=int(seconds * 1e9))
+                if seconds < 1 else duration_pb2.Duration(seconds=int(seconds)))
+
+        waits = [operations.WaitOperation.future(wait(50), metadata=auth(api_key), timeout=55)
+                 for _ in range(suite.config.max_streams_per_tenant)]
+        try:
+            def one_more_is_refused() -> bool:
+                try:
+                    operations.WaitOperation(wait(0.01), metadata=auth(api_key), timeout=10)
+                except grpc.RpcError as refused:
+                    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+                    return True
+                return False  # not all the waits have reached the gateway yet
+
+            eventually(one_more_is_refused, timeout=20, message="the 17th wait is refused")
+            began = time.monotonic()
+            for _ in range(20):
+                assert other.get_task(mine.task_id).task_id == mine.task_id
+                assert is_serving(suite.address("gateway"), timeout_seconds=2)
+            assert time.monotonic() - began < 10
+            assert not any(w.done() for w in waits)  # still waiting, on no thread
+        finally:
+            for w in waits:
+                w.cancel()
+            client.cancel_operation(slow.name)
+        # Cancelled waits give their places back.
+        eventually(lambda: operations.WaitOperation(wait(0.01), metadata=auth(api_key),
+                                                    timeout=10).name == slow.name, timeout=10)
 
 
 def test_a_forged_or_foreign_page_token_is_refused_at_once(suite, tenant, tenant_factory):
