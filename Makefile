@@ -110,3 +110,12 @@ bench: run ## Benchmarks (not tests): figures into bench-results/, see docs/benc
 clean: ## Remove generated code and local state (stops everything first).
 	-$(MAKE) --no-print-directory stop
 	rm -rf $(GEN) .var .weir
+
+# --- Node.js client (clients/node) ---
+.PHONY: node-client
+NODE_CLIENT := clients/node
+node-client: $(NODE_CLIENT)/node_modules/.installed ## The Node.js client's npm packages, as locked.
+$(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	@command -v npm >/dev/null || { echo "Node.js 20 or later with npm is required (clients/node)"; exit 1; }
+	cd $(NODE_CLIENT) && npm ci --prefer-offline --no-audit --no-fund
+	touch $@
