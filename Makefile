@@ -96,7 +96,7 @@ lint: venv proto tools ## ruff, mypy, buf lint and buf breaking.
 api-baseline: tools ## Record the protos as published: later changes must stay wire and JSON compatible.
 	$(TOOLS)/buf build -o protos/api-baseline.binpb.gz
 
-test: venv proto tools worker-user ## Run every test against real Kafka and Cassandra (stops what it started).
+test: venv proto tools worker-user node-client ## Run every test against real Kafka and Cassandra (stops what it started).
 	$(MAKE) --no-print-directory lint
 	deploy/local/with-engines.sh $(PY) -m pytest $(PYTEST_ARGS)
 
