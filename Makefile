@@ -110,3 +110,20 @@ bench: run ## Benchmarks (not tests): figures into bench-results/, see docs/benc
 clean: ## Remove generated code and local state (stops everything first).
 	-$(MAKE) --no-print-directory stop
 	rm -rf $(GEN) .var .weir
+
+# --- Go client (clients/go) ----------------------------------------------------------------
+# Its generated code (clients/go/weir/v1) is committed, and tests/interop/test_go_client.py
+# regenerates it to check it is current: the plugins are tools, pinned here. protoc-gen-go's
+# version is the google.golang.org/protobuf of clients/go/go.mod. The client's own
+# dependencies are pinned by clients/go/go.sum; `go test` fetches them from the module proxy.
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+.PHONY: go-client
+go-client: tools ## Regenerate the Go client's code (clients/go/weir/v1) from protos/weir/v1.
+	rm -rf clients/go/weir/v1
+	$(TOOLS)/buf generate --template clients/go/buf.gen.yaml
+tools: $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc
+$(TOOLS)/protoc-gen-go:
+	GOBIN=$(TOOLS) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+$(TOOLS)/protoc-gen-go-grpc:
+	GOBIN=$(TOOLS) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
