@@ -10,6 +10,8 @@ GEN := gen/python
 TOOLS := $(CURDIR)/.tools/bin
 GRPCURL_VERSION := v1.9.3
 BUF_VERSION := v1.50.0
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 # Weir's own protos; the Google ones vendored under protos/google come with googleapis-common-protos.
 PROTOS := $(shell find protos/weir -name '*.proto')
 GATEWAY := 127.0.0.1:$(or $(WEIR_GATEWAY_PORT),50051)
@@ -43,11 +45,15 @@ $(GEN)/.stamp: $(VENV)/.installed $(PROTOS)
 	  --grpc_python_out=$(GEN) $(PROTOS)
 	touch $@
 
-tools: $(TOOLS)/grpcurl $(TOOLS)/buf $(TOOLS)/jaeger ## Pinned grpcurl, buf and Jaeger, built from the Go module proxy.
+tools: $(TOOLS)/grpcurl $(TOOLS)/buf $(TOOLS)/jaeger $(TOOLS)/protoc-gen-go $(TOOLS)/protoc-gen-go-grpc ## Pinned grpcurl, buf, Jaeger and the Go code generators, built from the Go module proxy.
 $(TOOLS)/grpcurl:
 	GOBIN=$(TOOLS) go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION)
 $(TOOLS)/buf:
 	GOBIN=$(TOOLS) go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+$(TOOLS)/protoc-gen-go:
+	GOBIN=$(TOOLS) go install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+$(TOOLS)/protoc-gen-go-grpc:
+	GOBIN=$(TOOLS) go install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
 # Jaeger's module has replace directives, which `go install pkg@version` refuses: its version
 # is pinned as a tool of a module of ours instead (deploy/local/jaeger/go.mod).
 $(TOOLS)/jaeger: deploy/local/jaeger/go.mod deploy/local/jaeger/go.sum
@@ -109,10 +115,18 @@ bench: run ## Benchmarks (not tests): figures into bench-results/, see docs/benc
 
 clean: ## Remove generated code and local state (stops everything first).
 	-$(MAKE) --no-print-directory stop
-	rm -rf $(GEN) .var .weir
+	rm -rf $(GEN) .var .weir $(NODE_CLIENT)/node_modules
 
-# --- Node.js client (clients/node) ---
-.PHONY: node-client
+# --- Clients in other languages (docs/clients.md) ------------------------------------------
+# The Go client's generated code (clients/go/weir/v1) is committed, and
+# tests/interop/test_go_client.py regenerates it to check it is current: the plugins are tools
+# (protoc-gen-go's version is the google.golang.org/protobuf of clients/go/go.mod). Its
+# dependencies are pinned by clients/go/go.sum; `go test` fetches them from the module proxy.
+.PHONY: go-client node-client
+go-client: tools ## Regenerate the Go client's code (clients/go/weir/v1) from protos/weir/v1.
+	rm -rf clients/go/weir/v1
+	$(TOOLS)/buf generate --template clients/go/buf.gen.yaml
+
 NODE_CLIENT := clients/node
 node-client: $(NODE_CLIENT)/node_modules/.installed ## The Node.js client's npm packages, as locked.
 $(NODE_CLIENT)/node_modules/.installed: $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
