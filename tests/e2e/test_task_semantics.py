@@ -118,8 +118,10 @@ def test_throttled_failures_back_off_longer_than_retryable_ones(suite, tenant):
     assert retryable.state == throttled.state == State.TASK_STATE_SUCCEEDED
     assert throttled.attempts[0].error_class == ErrorClass.ERROR_CLASS_THROTTLED
     print(f"\nretryable gap {gaps(retryable)[0]:.3f}s, throttled gap {gaps(throttled)[0]:.3f}s")
-    assert gaps(throttled)[0] >= 1.5 * 0.8
-    assert gaps(retryable)[0] < 1.5 * 0.8
+    assert gaps(throttled)[0] >= 1.5 * 0.8  # at least its backoff (less the jitter)
+    # Longer than the retryable one's (0.2 s): compared, not held to a time, since both
+    # gaps also hold the time to dispatch and start the attempt, which load stretches.
+    assert gaps(retryable)[0] < gaps(throttled)[0]
 
 
 def test_a_handler_chooses_its_retry_delay(suite, tenant):
