@@ -16,6 +16,7 @@ NOT_SERVING, the service's own work stops, in-flight calls drain, stop with a gr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import importlib
 import inspect
@@ -205,7 +206,11 @@ def admitting(admit: Admit) -> Callable[[Behaviour, bool], Behaviour]:
                     async for item in behaviour(request, context):
                         yield item
                 finally:
-                    undo()
+                    # A caller that leaves has the stream closed from another task, where the
+                    # context variables ``admit`` set cannot be reset (ValueError): they end
+                    # with the call's own task anyway.
+                    with contextlib.suppress(ValueError):
+                        undo()
             return stream
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:

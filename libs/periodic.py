@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+REPEAT_LOG_SECONDS = 10.0  # while work keeps failing, one line this often, not one a round
 
 
 class Periodic:
     """Calls ``work`` every ``interval_seconds`` on its own thread until `stop`.
 
     An exception is logged and the next round goes ahead: a sweeper must outlive a passing
-    Kafka or Cassandra hiccup.
+    Kafka or Cassandra hiccup. While the work keeps failing (an engine is away), it is logged
+    once every `REPEAT_LOG_SECONDS` with the count, and once when it works again.
     """
 
     def __init__(self, name: str, interval_seconds: float, work: Callable[[], object]) -> None:
@@ -33,8 +37,18 @@ class Periodic:
             self._thread.join(timeout_seconds)
 
     def _run(self) -> None:
+        failures, logged_at = 0, 0.0
         while not self._stopping.wait(self._interval):
             try:
                 self._work()
             except Exception:
-                log.exception("periodic work failed", extra={"work": self._name})
+                failures += 1
+                if failures == 1 or time.monotonic() - logged_at >= REPEAT_LOG_SECONDS:
+                    logged_at = time.monotonic()
+                    log.exception("periodic work failed", extra={
+                        "work": self._name, "failures": failures})
+                continue
+            if failures:
+                log.info("periodic work works again", extra={
+                    "work": self._name, "failures": failures})
+                failures = 0

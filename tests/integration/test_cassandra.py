@@ -132,7 +132,7 @@ def test_an_operation_listed_for_the_runners_always_has_its_record(cassandra):
         names = []
         for _ in range(40):
             record = new_operation(tenant, records_pb2.OperationKind.OPERATION_KIND_DELETE_TASKS,
-                                   "test", filter='state = "FAILED"', items_per_second=1)
+                                   "test", filter="state = TASK_STATE_FAILED", items_per_second=1)
             assert store.create(record)
             names.append(record.operation.name)
     finally:
