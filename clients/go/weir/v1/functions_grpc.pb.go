@@ -41,6 +41,12 @@ const (
 // `max_doublings`, `throttled_min_backoff`); only `retry_config.max_retry_duration` (no time
 // limit) and `rate_limits` (no limit) stay unset. What is stored is what was given, so
 // defaults are not frozen into a function by reading it.
+//
+// A change (CreateFunction, UpdateFunction, PauseFunction, ResumeFunction, DeleteFunction)
+// applies to every task submitted, dispatched or reported from one second after the call
+// returned, through every gateway (at once through the one that served the call): the
+// services follow a log of the changes four times a second. Only while Cassandra cannot be
+// read may it take longer, until the services' caches expire (5 s).
 type FunctionServiceClient interface {
 	// Registers a function. ALREADY_EXISTS when the name is taken in the tenant.
 	CreateFunction(ctx context.Context, in *CreateFunctionRequest, opts ...grpc.CallOption) (*Function, error)
@@ -48,8 +54,8 @@ type FunctionServiceClient interface {
 	GetFunction(ctx context.Context, in *GetFunctionRequest, opts ...grpc.CallOption) (*Function, error)
 	// Lists the tenant's functions by name.
 	ListFunctions(ctx context.Context, in *ListFunctionsRequest, opts ...grpc.CallOption) (*ListFunctionsResponse, error)
-	// Changes the fields named in `update_mask`; new settings apply to attempts that start
-	// afterwards.
+	// Changes the fields named in `update_mask`; the new settings apply to tasks submitted
+	// and attempts started from one second after the call returns.
 	UpdateFunction(ctx context.Context, in *UpdateFunctionRequest, opts ...grpc.CallOption) (*Function, error)
 	// Deletes a function, as a long-running operation. Without `force`: FAILED_PRECONDITION
 	// while it has unfinished tasks (created within the 31 days listings cover); otherwise the
@@ -58,7 +64,8 @@ type FunctionServiceClient interface {
 	// operation cancels its unfinished tasks at the batch rate, then deletes it.
 	DeleteFunction(ctx context.Context, in *DeleteFunctionRequest, opts ...grpc.CallOption) (*Operation, error)
 	// Stops dispatching the function's tasks: they stay queued, none is lost, running
-	// attempts finish. Idempotent.
+	// attempts finish. No attempt starts later than one second after the call returns.
+	// Idempotent.
 	PauseFunction(ctx context.Context, in *PauseFunctionRequest, opts ...grpc.CallOption) (*Function, error)
 	// Dispatches the function's tasks again, the held ones first. Idempotent.
 	ResumeFunction(ctx context.Context, in *ResumeFunctionRequest, opts ...grpc.CallOption) (*Function, error)
@@ -155,6 +162,12 @@ func (c *functionServiceClient) ResumeFunction(ctx context.Context, in *ResumeFu
 // `max_doublings`, `throttled_min_backoff`); only `retry_config.max_retry_duration` (no time
 // limit) and `rate_limits` (no limit) stay unset. What is stored is what was given, so
 // defaults are not frozen into a function by reading it.
+//
+// A change (CreateFunction, UpdateFunction, PauseFunction, ResumeFunction, DeleteFunction)
+// applies to every task submitted, dispatched or reported from one second after the call
+// returned, through every gateway (at once through the one that served the call): the
+// services follow a log of the changes four times a second. Only while Cassandra cannot be
+// read may it take longer, until the services' caches expire (5 s).
 type FunctionServiceServer interface {
 	// Registers a function. ALREADY_EXISTS when the name is taken in the tenant.
 	CreateFunction(context.Context, *CreateFunctionRequest) (*Function, error)
@@ -162,8 +175,8 @@ type FunctionServiceServer interface {
 	GetFunction(context.Context, *GetFunctionRequest) (*Function, error)
 	// Lists the tenant's functions by name.
 	ListFunctions(context.Context, *ListFunctionsRequest) (*ListFunctionsResponse, error)
-	// Changes the fields named in `update_mask`; new settings apply to attempts that start
-	// afterwards.
+	// Changes the fields named in `update_mask`; the new settings apply to tasks submitted
+	// and attempts started from one second after the call returns.
 	UpdateFunction(context.Context, *UpdateFunctionRequest) (*Function, error)
 	// Deletes a function, as a long-running operation. Without `force`: FAILED_PRECONDITION
 	// while it has unfinished tasks (created within the 31 days listings cover); otherwise the
@@ -172,7 +185,8 @@ type FunctionServiceServer interface {
 	// operation cancels its unfinished tasks at the batch rate, then deletes it.
 	DeleteFunction(context.Context, *DeleteFunctionRequest) (*Operation, error)
 	// Stops dispatching the function's tasks: they stay queued, none is lost, running
-	// attempts finish. Idempotent.
+	// attempts finish. No attempt starts later than one second after the call returns.
+	// Idempotent.
 	PauseFunction(context.Context, *PauseFunctionRequest) (*Function, error)
 	// Dispatches the function's tasks again, the held ones first. Idempotent.
 	ResumeFunction(context.Context, *ResumeFunctionRequest) (*Function, error)

@@ -42,7 +42,9 @@ type OperationServiceClient interface {
 	// Waits until the operation reaches a final state or `timeout` passes (or the call's
 	// deadline, whichever comes first), then returns the operation as it stands: the caller
 	// checks `state`, and calls again if it is not final. NOT_FOUND for another tenant's
-	// operation.
+	// operation. A wait counts among the tenant's long-lived calls on the gateway, with its
+	// WatchTask streams (WEIR_MAX_STREAMS_PER_TENANT, default 16): past it RESOURCE_EXHAUSTED
+	// with RetryInfo.
 	WaitOperation(ctx context.Context, in *WaitOperationRequest, opts ...grpc.CallOption) (*Operation, error)
 }
 
@@ -111,7 +113,9 @@ type OperationServiceServer interface {
 	// Waits until the operation reaches a final state or `timeout` passes (or the call's
 	// deadline, whichever comes first), then returns the operation as it stands: the caller
 	// checks `state`, and calls again if it is not final. NOT_FOUND for another tenant's
-	// operation.
+	// operation. A wait counts among the tenant's long-lived calls on the gateway, with its
+	// WatchTask streams (WEIR_MAX_STREAMS_PER_TENANT, default 16): past it RESOURCE_EXHAUSTED
+	// with RetryInfo.
 	WaitOperation(context.Context, *WaitOperationRequest) (*Operation, error)
 	mustEmbedUnimplementedOperationServiceServer()
 }
