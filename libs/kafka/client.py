@@ -39,14 +39,33 @@ class Record:
     headers: Headers = field(default_factory=list)
 
 
+# A producer whose sends have all failed for this long is replaced by a new client: after a
+# long broker outage kafka-python's idempotent producer can stay wedged, every send timing
+# out although the broker is back (a gateway still was two minutes after a 100 s outage).
+# A new client, with a new producer id, works at once; during an outage it fails like the
+# old one, and the replacing is tried again a while later.
+REPLACE_AFTER_SECONDS = 30.0
+
+
 class Producer:
     """Produces records and waits until the broker has them durably (acks=all, idempotent)."""
 
-    def __init__(self, *, bootstrap: str, client_id: str, linger_ms: int = 2) -> None:
-        self._producer = KafkaProducer(
+    def __init__(self, *, bootstrap: str, client_id: str, linger_ms: int = 2,
+                 make: Callable[[], KafkaProducer] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 in_background: Callable[[Callable[[], None]], None] | None = None) -> None:
+        self._make = make or (lambda: KafkaProducer(
             bootstrap_servers=bootstrap.split(","), client_id=client_id, acks="all",
             enable_idempotence=True, linger_ms=linger_ms, retries=5,
-            request_timeout_ms=10_000, max_block_ms=10_000, max_request_size=MAX_MESSAGE_BYTES)
+            request_timeout_ms=10_000, max_block_ms=10_000, max_request_size=MAX_MESSAGE_BYTES))
+        self._producer = self._make()
+        self._clock = clock
+        # Making a client waits up to 30 s for a broker: never on a caller's thread.
+        self._in_background = in_background or (lambda work: threading.Thread(
+            target=work, daemon=True, name="kafka-producer-replace").start())
+        self._failing_since: float | None = None  # when sends began to fail, all of them
+        self._replacing = False
+        self._lock = threading.Lock()
 
     def send_all(self, records: Iterable[Record], *, timeout_seconds: float = 10.0) -> None:
         """Produces every record and returns when all are acknowledged by the broker.
@@ -59,12 +78,43 @@ class Producer:
             kafka.errors.KafkaError: when any record could not be produced in time; some of
                 the others may have been, so callers re-send idempotent records only.
         """
+        producer = self._producer
         deadline = time.monotonic() + timeout_seconds
-        pending = [self._producer.send(r.topic, value=r.value, key=r.key,
-                                       partition=r.partition, headers=r.headers)
-                   for r in records]
-        for future in pending:
-            future.get(timeout=max(deadline - time.monotonic(), 0.001))
+        try:
+            pending = [producer.send(r.topic, value=r.value, key=r.key,
+                                     partition=r.partition, headers=r.headers)
+                       for r in records]
+            for future in pending:
+                future.get(timeout=max(deadline - time.monotonic(), 0.001))
+        except KafkaError:
+            self._failed(producer)
+            raise
+        self._failing_since = None
+
+    def _failed(self, producer: KafkaProducer) -> None:
+        with self._lock:
+            now = self._clock()
+            if self._failing_since is None:
+                self._failing_since = now
+            if (self._replacing or producer is not self._producer
+                    or now - self._failing_since < REPLACE_AFTER_SECONDS):
+                return
+            self._replacing = True
+            log.warning("every send failed for %.0f s: replacing the Kafka producer",
+                        now - self._failing_since)
+        self._in_background(lambda: self._replace(producer))
+
+    def _replace(self, old: KafkaProducer) -> None:
+        try:
+            new = self._make()
+        except KafkaError as exc:  # the broker is still away: try again after a while
+            log.warning("could not make a new Kafka producer: %s", exc)
+            with self._lock:
+                self._replacing, self._failing_since = False, self._clock()
+            return
+        with self._lock:
+            self._producer, self._failing_since, self._replacing = new, None, False
+        old.close(timeout=1.0)  # its unsent records fail their callers, who send them again
 
     def close(self, timeout_seconds: float = 5.0) -> None:
         self._producer.close(timeout=timeout_seconds)
