@@ -3,9 +3,7 @@ changes that services follow (`FunctionChangeFeed`)."""
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 from cassandra.cluster import Session
@@ -13,8 +11,7 @@ from weir.storage.v1 import records_pb2
 from weir.v1 import functions_pb2
 
 from libs.cassandra.taskstate import now_utc, timestamp_of
-
-log = logging.getLogger(__name__)
+from libs.periodic import Periodic
 
 # How late a change row may become readable after its change_time (taken before the write):
 # each read looks back this far, and ignores what it already saw.
@@ -105,19 +102,20 @@ def _minute(when: datetime) -> int:
 
 class FunctionChangeFeed:
     """Tells a process's caches which functions changed, from the change log: `poll` runs
-    every `FUNCTION_CHANGE_POLL_SECONDS`, so a change made through any gateway reaches every
-    process within about that (plus a read). When a poll fails, ``on_lost`` is called (drop
-    everything cached: a change may have been missed)."""
+    every `FUNCTION_CHANGE_POLL_SECONDS` (`start`), so a change made through any gateway
+    reaches every process within about that (plus a read). When a poll fails, ``on_lost`` is
+    called (drop everything cached: a change may have been missed)."""
 
     def __init__(self, store: FunctionStore, *, on_change: Callable[[str, str], None],
-                 on_lost: Callable[[], None], clock: Callable[[], float] = time.monotonic
-                 ) -> None:
+                 on_lost: Callable[[], None]) -> None:
         self._store = store
         self._on_change = on_change
         self._on_lost = on_lost
-        self._seen: dict[tuple[datetime, str, str], float] = {}
+        self._seen: set[tuple[datetime, str, str]] = set()  # within the reads' look-back
         self._since = now_utc()
-        self._clock = clock
+
+    def start(self) -> Periodic:
+        return Periodic("function-changes", FUNCTION_CHANGE_POLL_SECONDS, self.poll).start()
 
     def poll(self) -> None:
         since, self._since = self._since, now_utc()
@@ -126,15 +124,8 @@ class FunctionChangeFeed:
         except Exception:
             self._on_lost()  # what changed until now is re-read; later changes, next poll
             raise
-        now = self._clock()
-        for change in self._new(changes, now):
-            self._on_change(change[1], change[2])
-        horizon = now - 2 * CHANGE_LOOKBACK.total_seconds()
-        self._seen = {c: t for c, t in self._seen.items() if t > horizon}
-
-    def _new(self, changes: Iterable[tuple[datetime, str, str]], now: float
-             ) -> list[tuple[datetime, str, str]]:
-        fresh = [c for c in changes if c not in self._seen]
-        for change in fresh:
-            self._seen[change] = now
-        return fresh
+        for change in changes:
+            if change not in self._seen:
+                self._on_change(change[1], change[2])
+        # The next read looks back from this one's start: older changes never come again.
+        self._seen = {c for c in self._seen.union(changes) if c[0] > self._since - CHANGE_LOOKBACK}

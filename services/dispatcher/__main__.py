@@ -9,11 +9,7 @@ from weir.v1.common_pb2 import Priority
 from libs import service, tls
 from libs.cassandra.attempt_logs import AttemptLogStore
 from libs.cassandra.dead_letters import DeadLetterStore
-from libs.cassandra.functions import (
-    FUNCTION_CHANGE_POLL_SECONDS,
-    FunctionChangeFeed,
-    FunctionStore,
-)
+from libs.cassandra.functions import FunctionChangeFeed, FunctionStore
 from libs.cassandra.owners import PartitionOwners
 from libs.cassandra.parked import ParkedStore
 from libs.cassandra.partition_index import PartitionIndex
@@ -51,9 +47,8 @@ def start(config: WeirConfig) -> service.Started:
     owners = PartitionOwners(session)
     function_store = FunctionStore(session)
     functions = Functions(function_store)
-    function_changes = Periodic("function-changes", FUNCTION_CHANGE_POLL_SECONDS,
-                                FunctionChangeFeed(function_store, on_change=functions.changed,
-                                                   on_lost=functions.lost).poll).start()
+    function_changes = FunctionChangeFeed(function_store, on_change=functions.changed,
+                                          on_lost=functions.lost).start()
     tenants = TenantLimits(TenantStore(session))
     owner_name = f"dispatcher-{config.advertise_host}-{os.getpid()}"
     metrics = DispatcherMetrics(labels=TenantLabels(config.metrics_max_tenant_labels))

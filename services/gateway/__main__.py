@@ -15,11 +15,7 @@ from libs.cache import TtlCache
 from libs.cassandra.attempt_logs import AttemptLogStore
 from libs.cassandra.dead_letters import DeadLetterStore
 from libs.cassandra.dedup import DedupStore
-from libs.cassandra.functions import (
-    FUNCTION_CHANGE_POLL_SECONDS,
-    FunctionChangeFeed,
-    FunctionStore,
-)
+from libs.cassandra.functions import FunctionChangeFeed, FunctionStore
 from libs.cassandra.listing import TaskListing
 from libs.cassandra.operations import OperationStore
 from libs.cassandra.parked import ParkedStore
@@ -87,9 +83,8 @@ def start(config: WeirConfig) -> service.Started:
     admission = Admission(backlog_threshold=config.admission_backlog,
                           tenant_threshold=config.admission_tenant_backlog)
     function_cache = TtlCache(functions.get, ttl=FUNCTION_CACHE_SECONDS)
-    function_changes = Periodic("function-changes", FUNCTION_CHANGE_POLL_SECONDS,
-                                FunctionChangeFeed(functions, on_change=function_cache.forget,
-                                                   on_lost=function_cache.clear).poll).start()
+    function_changes = FunctionChangeFeed(functions, on_change=function_cache.forget,
+                                          on_lost=function_cache.clear).start()
     submitter = Submitter(tasks=tasks, listing=listing, submissions=submissions,
                           functions=function_cache, dedup=dedup, route=route, producer=producer,
                           crash_after_store=config.fault == "gateway.crash_after_store",

@@ -1,18 +1,13 @@
 """Runs the notifier: ``python -m services.notifier``."""
 
 from libs import service
-from libs.cassandra.functions import (
-    FUNCTION_CHANGE_POLL_SECONDS,
-    FunctionChangeFeed,
-    FunctionStore,
-)
+from libs.cassandra.functions import FunctionChangeFeed, FunctionStore
 from libs.cassandra.session import close, connect
 from libs.cassandra.taskstate import TaskStateStore
 from libs.cassandra.tenants import TenantStore
 from libs.config import WeirConfig
 from libs.kafka.client import Consumer
 from libs.kafka.topics import results_topic
-from libs.periodic import Periodic
 from services.notifier.engine import DeliveryStore, Notifier, WebhookSender
 from services.notifier.metrics import NotifierMetrics
 from services.notifier.server import create_server
@@ -35,9 +30,8 @@ def start(config: WeirConfig) -> service.Started:
     notifier = Notifier(consumer=consumer, tenants=TenantStore(session),
                         functions=functions, sender=sender, watchers=watchers,
                         on_death=lambda: started[0].fail())
-    function_changes = Periodic("function-changes", FUNCTION_CHANGE_POLL_SECONDS,
-                                FunctionChangeFeed(functions, on_change=notifier.function_changed,
-                                                   on_lost=notifier.functions_lost).poll)
+    function_changes = FunctionChangeFeed(functions, on_change=notifier.function_changed,
+                                          on_lost=notifier.functions_lost).start()
     server = create_server(config, tasks=tasks, watchers=watchers)
 
     def drain() -> None:
@@ -47,7 +41,6 @@ def start(config: WeirConfig) -> service.Started:
 
     started.append(service.Started(server=server, drain=drain, close=lambda: close(session)))
     notifier.start()
-    function_changes.start()
     return started[0]
 
 
