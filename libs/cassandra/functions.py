@@ -4,7 +4,7 @@ changes that services follow (`FunctionChangeFeed`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from cassandra.cluster import Session
 from weir.storage.v1 import records_pb2
@@ -82,7 +82,7 @@ class FunctionStore:
         """(change_time, tenant_id, name) of the changes after ``since`` (at most a minute
         ago)."""
         minutes = sorted({_minute(since), _minute(now_utc())})
-        return [(r.change_time, r.tenant_id, r.name)
+        return [(r.change_time.replace(tzinfo=UTC), r.tenant_id, r.name)
                 for r in self._session.execute(self._changes, (minutes, since))]
 
     def _changed(self, tenant_id: str, name: str) -> None:

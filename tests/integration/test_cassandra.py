@@ -159,5 +159,7 @@ def test_every_change_to_a_function_is_in_the_change_log(cassandra):
     assert store.update(tenant, function)
     assert store.delete(tenant, "resize") and not store.delete(tenant, "resize")
     assert not store.update(tenant, function)
-    mine = [(t, n) for _, t, n in store.changes(since) if t == tenant]
+    changes = store.changes(since)
+    assert all(when.tzinfo is not None for when, _, _ in changes)  # comparable with now_utc()
+    mine = [(t, n) for _, t, n in changes if t == tenant]
     assert mine == [(tenant, "resize")] * 3  # created, updated, deleted; not the refusals
